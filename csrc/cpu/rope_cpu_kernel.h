@@ -1,0 +1,224 @@
+// The CPU kernel, written once and compiled once per instruction set.
+//
+// rope_cpu_{default,avx2,avx512}.cpp include this file, and setup.py compiles
+// each with CPU_CAPABILITY set and the matching -m flags; without both,
+// at::vec::Vectorized silently falls back to scalar code. The kernel sits in
+// the namespace named by CPU_CAPABILITY (DEFAULT, AVX2, AVX512), as ATen's own
+// vector code does, so the three copies cannot collide at link time.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../rope_problem.h"
+#include "rope_cpu.h"
+
+namespace rope::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+constexpr bool kReduced =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
+// float64 x is computed in float64, every other dtype in float32.
+template <typename scalar_t>
+using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The vector loops work in blocks of two opmath vectors (2W elements of x):
+// that is one Vectorized<bf16/fp16> widened to two float vectors, and the two
+// halves that deinterleave2 needs for adjacent pairs.
+template <typename scalar_t>
+struct Block {
+  using V = Vectorized<opmath_t<scalar_t>>;
+  static constexpr int64_t W = V::size();
+  static constexpr int64_t kSize = 2 * W;
+
+  // Loads n <= kSize elements; lanes past n are zero.
+  static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
+    if constexpr (kReduced<scalar_t>) {
+      static_assert(Vectorized<scalar_t>::size() == kSize);
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
+    } else {
+      lo = V::loadu(p, std::min(n, W));
+      hi = n > W ? V::loadu(p + W, n - W) : V(0);
+    }
+  }
+
+  static void store(scalar_t* p, int64_t n, const V& lo, const V& hi) {
+    if constexpr (kReduced<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, static_cast<int>(n));
+    } else {
+      lo.store(p, static_cast<int>(std::min(n, W)));
+      if (n > W) hi.store(p + W, static_cast<int>(n - W));
+    }
+  }
+};
+
+// Pairs (x[i], x[i + half]) of one head, head_dim at unit stride. c and s hold
+// the token's table row padded with zeros to a multiple of kSize, so the table
+// loads of a last partial block stay inside the buffer.
+template <typename scalar_t>
+void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
+                            const opmath_t<scalar_t>* s, int64_t half) {
+  using B = Block<scalar_t>;
+  using V = typename B::V;
+  for (int64_t i = 0; i < half; i += B::kSize) {
+    const int64_t n = std::min(B::kSize, half - i);
+    V a0, a1, b0, b1;
+    B::load(x + i, n, a0, a1);
+    B::load(x + half + i, n, b0, b1);
+    rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
+    rotate_pair(a1, b1, V::loadu(c + i + B::W), V::loadu(s + i + B::W));
+    B::store(y + i, n, a0, a1);
+    B::store(y + half + i, n, b0, b1);
+  }
+}
+
+// Pairs (x[2i], x[2i + 1]): a block of 2W elements holds W pairs, split into
+// even and odd lanes, rotated, and merged back.
+template <typename scalar_t>
+void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
+                             const opmath_t<scalar_t>* s, int64_t half) {
+  using B = Block<scalar_t>;
+  using V = typename B::V;
+  const int64_t r = 2 * half;
+  for (int64_t e = 0; e < r; e += B::kSize) {
+    const int64_t n = std::min(B::kSize, r - e);
+    V lo, hi;
+    B::load(x + e, n, lo, hi);
+    auto [a, b] = at::vec::deinterleave2(lo, hi);
+    rotate_pair(a, b, V::loadu(c + e / 2), V::loadu(s + e / 2));
+    std::tie(lo, hi) = at::vec::interleave2(a, b);
+    B::store(y + e, n, lo, hi);
+  }
+}
+
+// Any strides: the same pair math, one element at a time.
+template <typename scalar_t>
+void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd,
+                         const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
+                         int64_t half, bool interleaved) {
+  using T = opmath_t<scalar_t>;
+  for (int64_t i = 0; i < half; ++i) {
+    int64_t da, db;
+    pair_slots(i, half, interleaved, da, db);
+    T a = static_cast<T>(x[da * xsd]);
+    T b = static_cast<T>(x[db * xsd]);
+    rotate_pair(a, b, c[i], s[i]);
+    y[da * ysd] = static_cast<scalar_t>(a);
+    y[db * ysd] = static_cast<scalar_t>(b);
+  }
+}
+
+// x[r:] of the functional op: copied, since the output is a fresh tensor.
+template <typename scalar_t>
+void copy_tail(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd, int64_t from,
+               int64_t to) {
+  if (xsd == 1 && ysd == 1) {
+    std::memcpy(y + from, x + from, (to - from) * sizeof(scalar_t));
+    return;
+  }
+  for (int64_t d = from; d < to; ++d) y[d * ysd] = x[d * xsd];
+}
+
+// One token's table row, converted once to the math type and reused by every
+// head of q and k. inverse negates sin here instead of in the inner loop.
+template <typename table_t, typename T>
+void load_table_row(const RopeProblem& p, int64_t b, int64_t s, T* c, T* sn) {
+  const TableIndex& t = p.table;
+  const int64_t pos = token_position(t, b, s);
+  const table_t* cp = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
+  const table_t* sp = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
+  const T sign = p.inverse ? T(-1) : T(1);
+  for (int64_t i = 0; i < p.half; ++i) {
+    c[i] = static_cast<T>(cp[i * t.cos_si]);
+    sn[i] = sign * static_cast<T>(sp[i * t.sin_si]);
+  }
+}
+
+template <typename scalar_t, typename table_t>
+void rope_cpu_typed(const RopeProblem& p) {
+  using T = opmath_t<scalar_t>;
+  const int64_t tokens = p.batch * p.seq;
+  int64_t work_per_token = 1;
+  for (int k = 0; k < p.num_x; ++k) work_per_token += p.x[k].heads * p.x[k].head_dim;
+  // Enough elements per task that the thread hand-off is paid for.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_token);
+  const int64_t padded = (p.half + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize *
+                         Block<scalar_t>::kSize;
+
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> c(padded, T(0)), sn(padded, T(0));
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const int64_t b = tok / p.seq, s = tok % p.seq;
+      load_table_row<table_t>(p, b, s, c.data(), sn.data());
+      for (int k = 0; k < p.num_x; ++k) {
+        const HeadsDesc& h = p.x[k];
+        const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_sb + s * h.in_ss;
+        scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_sb + s * h.out_ss;
+        const bool in_place = h.in == h.out;
+        const bool unit = h.in_sd == 1 && h.out_sd == 1;
+        for (int64_t head = 0; head < h.heads; ++head) {
+          const scalar_t* xi = xin + head * h.in_sh;
+          scalar_t* yo = xout + head * h.out_sh;
+          if (unit && p.interleaved) {
+            rotate_head_interleaved(xi, yo, c.data(), sn.data(), p.half);
+          } else if (unit) {
+            rotate_head_half_split(xi, yo, c.data(), sn.data(), p.half);
+          } else {
+            rotate_head_strided(xi, h.in_sd, yo, h.out_sd, c.data(), sn.data(), p.half,
+                                p.interleaved);
+          }
+          if (!in_place) copy_tail(xi, h.in_sd, yo, h.out_sd, 2 * p.half, h.head_dim);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void rope_cpu_for_x(const RopeProblem& p) {
+  switch (p.table_dtype) {
+    case c10::ScalarType::Float:
+      return rope_cpu_typed<scalar_t, float>(p);
+    case c10::ScalarType::Double:
+      return rope_cpu_typed<scalar_t, double>(p);
+    case c10::ScalarType::BFloat16:
+      return rope_cpu_typed<scalar_t, c10::BFloat16>(p);
+    case c10::ScalarType::Half:
+      return rope_cpu_typed<scalar_t, c10::Half>(p);
+    default:
+      TORCH_CHECK(false, "rope: unsupported table dtype ", p.table_dtype);
+  }
+}
+
+void rope_cpu_kernel(const RopeProblem& p) {
+  switch (p.x_dtype) {
+    case c10::ScalarType::Float:
+      return rope_cpu_for_x<float>(p);
+    case c10::ScalarType::Double:
+      return rope_cpu_for_x<double>(p);
+    case c10::ScalarType::BFloat16:
+      return rope_cpu_for_x<c10::BFloat16>(p);
+    case c10::ScalarType::Half:
+      return rope_cpu_for_x<c10::Half>(p);
+    default:
+      TORCH_CHECK(false, "rope: unsupported x dtype ", p.x_dtype);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace rope::cpu

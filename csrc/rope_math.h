@@ -1,0 +1,72 @@
+// The index and rotation math of RoPE, shared by the CPU and the CUDA kernel.
+//
+// Everything here is plain C++ on raw integers and numbers so that nvcc and the
+// host compiler see the same code; the CPU tests therefore exercise the exact
+// arithmetic the GPU runs. The rotation is also instantiated with
+// at::vec::Vectorized<float> on the CPU, which overloads the same operators.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define ROPE_HD __host__ __device__ __forceinline__
+#else
+// Always inlined: the CPU kernel is compiled once per instruction set, and an
+// out-of-line copy built with AVX-512 must never be the one the linker keeps.
+#define ROPE_HD inline __attribute__((always_inline))
+#endif
+
+namespace rope {
+
+// Where the table row of token (b, s) starts, for cos and for sin.
+//
+// One formula covers every table form of the contract:
+//   positions given, table [P, r/2]:        offset = pos * sp            (sb = ss = 0)
+//   no positions, table [P >= seq, r/2]:    offset = s * ss              (row s = position s)
+//   no positions, table [batch | 1, seq, r/2]: offset = b * sb + s * ss  (sb = 0 broadcasts)
+// All strides are in elements and 64-bit, so tables and tensors past 2**31
+// elements index correctly.
+struct TableIndex {
+  const int32_t* pos32 = nullptr;  // at most one of pos32 / pos64 is set
+  const int64_t* pos64 = nullptr;
+  int64_t pos_sb = 0, pos_ss = 0;  // positions [batch, seq] strides; pos_sb = 0 for [seq]
+  int64_t cos_sb = 0, cos_ss = 0, cos_sp = 0, cos_si = 1;
+  int64_t sin_sb = 0, sin_ss = 0, sin_sp = 0, sin_si = 1;
+  int64_t rows = 0;                // table rows P (positions must lie in [0, P))
+};
+
+ROPE_HD int64_t token_position(const TableIndex& t, int64_t b, int64_t s) {
+  const int64_t off = b * t.pos_sb + s * t.pos_ss;
+  if (t.pos64 != nullptr) return t.pos64[off];
+  if (t.pos32 != nullptr) return static_cast<int64_t>(t.pos32[off]);
+  return 0;
+}
+
+ROPE_HD int64_t cos_offset(const TableIndex& t, int64_t b, int64_t s, int64_t pos) {
+  return b * t.cos_sb + s * t.cos_ss + pos * t.cos_sp;
+}
+
+ROPE_HD int64_t sin_offset(const TableIndex& t, int64_t b, int64_t s, int64_t pos) {
+  return b * t.sin_sb + s * t.sin_ss + pos * t.sin_sp;
+}
+
+// The two head_dim slots that form pair i (0 <= i < r/2).
+//   half-split  (HF Llama, GPT-NeoX): (i, i + r/2)
+//   interleaved (RoFormer, GPT-J):    (2i, 2i + 1)
+ROPE_HD void pair_slots(int64_t i, int64_t half, bool interleaved, int64_t& da, int64_t& db) {
+  da = interleaved ? 2 * i : i;
+  db = interleaved ? 2 * i + 1 : i + half;
+}
+
+// (a, b) <- (a cos - b sin, a sin + b cos): the complex product (a + ib) e^{i phi}.
+// The inverse (and the backward) is the same call with sin negated, which the
+// kernels do once per table row, not per element.
+template <typename T>
+ROPE_HD void rotate_pair(T& a, T& b, const T& c, const T& s) {
+  const T ra = a * c - b * s;
+  const T rb = a * s + b * c;
+  a = ra;
+  b = rb;
+}
+
+}  // namespace rope

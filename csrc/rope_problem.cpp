@@ -1,0 +1,229 @@
+// Input checks and the translation of tensors into a RopeProblem.
+//
+// Every rejection names the argument and says what to pass instead: dtype
+// problems raise TypeError, everything else ValueError (API.md section 3).
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "rope_ops.h"
+
+namespace rope {
+namespace {
+
+bool is_float_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), "rope: ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 3, "rope: ", name,
+                    " must be 4-D [batch, seq, heads, head_dim] or 3-D [tokens, heads, head_dim],"
+                    " got shape ",
+                    x.sizes());
+}
+
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* xname,
+                       const char* tname) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "rope: ", tname, " is on ", t.device(), " but ",
+                    xname, " is on ", x.device(), "; move ", tname, " to ", x.device());
+}
+
+// x seen as [batch, seq, heads, head_dim]: thd is one sequence of `tokens`.
+HeadsDesc describe(const at::Tensor& x, const at::Tensor& out) {
+  HeadsDesc h;
+  h.in = x.const_data_ptr();
+  h.out = out.data_ptr();
+  const int o = x.dim() == 4 ? 1 : 0;
+  h.heads = x.size(o + 1);
+  h.head_dim = x.size(o + 2);
+  h.in_sb = o ? x.stride(0) : 0;
+  h.in_ss = x.stride(o);
+  h.in_sh = x.stride(o + 1);
+  h.in_sd = x.stride(o + 2);
+  h.out_sb = o ? out.stride(0) : 0;
+  h.out_ss = out.stride(o);
+  h.out_sh = out.stride(o + 1);
+  h.out_sd = out.stride(o + 2);
+  return h;
+}
+
+void check_positions_in_range(const at::Tensor& positions, int64_t rows) {
+  if (positions.numel() == 0) return;
+  // Only where the values are at hand: on a GPU this would be a device sync.
+  if (!positions.is_cpu()) return;
+  auto [lo, hi] = at::aminmax(positions);
+  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(mn >= 0 && mx < rows, "rope: positions must lie in [0, ", rows,
+                    ") for a table of ", rows, " rows (cos.size(0)), got values in [", mn, ", ",
+                    mx, "]; build a longer table with cos_sin_table(..., max_positions=", mx + 1,
+                    ")");
+}
+
+// xs: the tensors to rotate (q alone, or q and k); outs: where the results go.
+RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
+                         const at::Tensor& cos, const at::Tensor& sin,
+                         const std::optional<at::Tensor>& positions, bool interleaved,
+                         bool inverse) {
+  static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
+  const char* const* name = names[num_x - 1];
+  const at::Tensor& x = xs[0];
+  for (int i = 0; i < num_x; ++i) check_x(xs[i], name[i]);
+  if (num_x == 2) {
+    const at::Tensor& k = xs[1];
+    TORCH_CHECK_TYPE(k.scalar_type() == x.scalar_type(), "rope: q and k must have the same dtype,"
+                     " got q ", x.scalar_type(), " and k ", k.scalar_type());
+    check_same_device(x, k, "q", "k");
+    TORCH_CHECK_VALUE(k.dim() == x.dim() && k.sizes().slice(0, x.dim() - 2) ==
+                                                x.sizes().slice(0, x.dim() - 2),
+                      "rope: q and k must have the same leading (token) dimensions, got q ",
+                      x.sizes(), " and k ", k.sizes());
+  }
+  const bool thd = x.dim() == 3;
+  const int64_t batch = thd ? 1 : x.size(0);
+  const int64_t seq = thd ? x.size(0) : x.size(1);
+
+  TORCH_CHECK_TYPE(cos.scalar_type() == sin.scalar_type(), "rope: cos and sin must have the same"
+                   " dtype, got cos ", cos.scalar_type(), " and sin ", sin.scalar_type());
+  const auto tdt = cos.scalar_type();
+  TORCH_CHECK_TYPE(tdt == at::kFloat || tdt == at::kDouble || tdt == x.scalar_type(),
+                   "rope: cos must be float32, float64 or x's dtype (", x.scalar_type(),
+                   "), got ", tdt);
+  TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "rope: cos and sin must have the same shape, got"
+                    " cos ", cos.sizes(), " and sin ", sin.sizes());
+  check_same_device(x, cos, name[0], "cos");
+  check_same_device(x, sin, name[0], "sin");
+  TORCH_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3, "rope: cos must be [positions, rotary_dim/2]"
+                    ", [batch, seq, rotary_dim/2] or [seq, rotary_dim/2], got shape ", cos.sizes());
+
+  RopeProblem p;
+  p.batch = batch;
+  p.seq = seq;
+  p.half = cos.size(-1);
+  p.interleaved = interleaved;
+  p.inverse = inverse;
+  p.x_dtype = x.scalar_type();
+  p.table_dtype = tdt;
+  p.cos = cos.const_data_ptr();
+  p.sin = sin.const_data_ptr();
+  for (int i = 0; i < num_x; ++i) {
+    TORCH_CHECK_VALUE(2 * p.half <= xs[i].size(-1), "rope: the rotary dimension 2 * cos.size(-1) = ",
+                      2 * p.half, " exceeds ", name[i], "'s head_dim ", xs[i].size(-1),
+                      "; pass a table with at most head_dim / 2 columns");
+  }
+
+  TableIndex& t = p.table;
+  t.cos_si = cos.stride(-1);
+  t.sin_si = sin.stride(-1);
+  t.rows = cos.size(0);
+  if (positions.has_value()) {
+    const at::Tensor& pos = *positions;
+    TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
+                     "rope: positions must be int32 or int64, got ", pos.scalar_type());
+    check_same_device(x, pos, name[0], "positions");
+    TORCH_CHECK_VALUE(cos.dim() == 2, "rope: with positions, cos and sin must be a table "
+                      "[positions, rotary_dim/2], got cos of shape ", cos.sizes(),
+                      "; pass positions=None for a per-token table");
+    if (thd) {
+      TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == seq, "rope: for x of shape [tokens, "
+                        "heads, head_dim] = ", x.sizes(), ", positions must be [tokens] = [", seq,
+                        "], got shape ", pos.sizes());
+    } else {
+      const bool ok = (pos.dim() == 1 && pos.size(0) == seq) ||
+                      (pos.dim() == 2 && (pos.size(0) == batch || pos.size(0) == 1) &&
+                       pos.size(1) == seq);
+      TORCH_CHECK_VALUE(ok, "rope: for x of shape [batch, seq, heads, head_dim] = ", x.sizes(),
+                        ", positions must be [", batch, ", ", seq, "], [1, ", seq, "] or [", seq,
+                        "], got shape ", pos.sizes());
+    }
+    check_positions_in_range(pos, t.rows);
+    if (pos.scalar_type() == at::kInt) {
+      t.pos32 = pos.const_data_ptr<int32_t>();
+    } else {
+      t.pos64 = pos.const_data_ptr<int64_t>();
+    }
+    t.pos_ss = pos.stride(-1);
+    t.pos_sb = (pos.dim() == 2 && pos.size(0) > 1) ? pos.stride(0) : 0;
+    t.cos_sp = cos.stride(0);
+    t.sin_sp = sin.stride(0);
+  } else if (cos.dim() == 2) {
+    TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
+                      "is required: pass each token's position");
+    TORCH_CHECK_VALUE(cos.size(0) >= seq, "rope: without positions, token s uses row s of cos, "
+                      "but cos has ", cos.size(0), " rows and x has seq ", seq,
+                      "; build a longer table or pass positions");
+    t.cos_ss = cos.stride(0);
+    t.sin_ss = sin.stride(0);
+  } else {
+    TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
+                      "is required and cos must be [positions, rotary_dim/2]");
+    TORCH_CHECK_VALUE((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == seq,
+                      "rope: a per-token cos must be [", batch, ", ", seq, ", rotary_dim/2] or [1, ",
+                      seq, ", rotary_dim/2] for x of shape ", x.sizes(), ", got ", cos.sizes());
+    t.cos_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
+    t.sin_sb = sin.size(0) == 1 ? 0 : sin.stride(0);
+    t.cos_ss = cos.stride(1);
+    t.sin_ss = sin.stride(1);
+  }
+
+  p.num_x = num_x;
+  for (int i = 0; i < num_x; ++i) p.x[i] = describe(xs[i], outs[i]);
+  return p;
+}
+
+void check_writable(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, "rope: in-place rotation"
+                    " needs ", name, " without overlapping elements (it has a zero or overlapping "
+                    "stride, e.g. from expand); use the functional op or pass ", name,
+                    ".contiguous()");
+}
+
+bool empty(const RopeProblem& p) {
+  return p.batch == 0 || p.seq == 0;
+}
+
+}  // namespace
+
+at::Tensor apply(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  check_x(x, "x");
+  // The layout rule the fake kernel mirrors: torch.empty_like(x).
+  at::Tensor out = at::empty_like(x);
+  const RopeProblem p = make_problem(&x, &out, 1, cos, sin, positions, interleaved, inverse);
+  if (!empty(p)) kernel(p);
+  return out;
+}
+
+void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+            const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse);
+  check_writable(x, "x");
+  if (!empty(p)) kernel(p);
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_qk(Kernel kernel, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& cos, const at::Tensor& sin,
+                                            const std::optional<at::Tensor>& positions,
+                                            bool interleaved, bool inverse) {
+  check_x(q, "q");
+  check_x(k, "k");
+  const at::Tensor xs[2] = {q, k};
+  const at::Tensor outs[2] = {at::empty_like(q), at::empty_like(k)};
+  const RopeProblem p = make_problem(xs, outs, 2, cos, sin, positions, interleaved, inverse);
+  if (!empty(p)) kernel(p);
+  return {outs[0], outs[1]};
+}
+
+void apply_qk_(Kernel kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+               const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
+               bool inverse) {
+  const at::Tensor xs[2] = {q, k};
+  const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse);
+  check_writable(q, "q");
+  check_writable(k, "k");
+  TORCH_CHECK_VALUE(at::get_overlap_status(q, k) == at::MemOverlapStatus::No, "rope: q and k "
+                    "share memory; rotating them in place would rotate those elements twice");
+  if (!empty(p)) kernel(p);
+}
+
+}  // namespace rope

@@ -1,0 +1,19 @@
+"""rope_ext: Rotary Position Embedding as one fast, exact PyTorch operator.
+
+    import rope_ext
+    inv_freq, attn = rope_ext.rope_frequencies(128, base=500000.0)
+    cos, sin = rope_ext.cos_sin_table(inv_freq, 8192, attn)
+    q, k = rope_ext.apply_rope_qk(q, k, cos, sin, positions)
+
+The ops are also reachable as torch.ops.rope.apply / apply_ / apply_qk / apply_qk_.
+"""
+
+from rope_ext import _ops  # noqa: F401  (registers the ops first)
+from rope_ext.functional import apply_rope, apply_rope_qk
+from rope_ext.module import RotaryEmbedding
+from rope_ext.tables import cos_sin_table, rope_frequencies
+
+__version__ = "0.1.0"
+
+__all__ = ["apply_rope", "apply_rope_qk", "rope_frequencies", "cos_sin_table",
+           "RotaryEmbedding"]

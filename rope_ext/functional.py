@@ -1,0 +1,90 @@
+"""The functional API: rotate q and/or k given a cos/sin table."""
+
+from typing import Optional, Tuple
+
+import torch
+
+from rope_ext._ops import ops
+
+LAYOUTS = ("bshd", "bhsd", "thd")
+
+
+def _op_view(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
+    """x as the op sees it ([batch, seq, heads, head_dim] or [tokens, heads, head_dim]): a view, never a copy."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    want = 3 if layout == "thd" else 4
+    if x.dim() != want:
+        shape = "[tokens, heads, head_dim]" if layout == "thd" else f"[{', '.join(layout)}]".replace(
+            "b", "batch").replace("s", "seq").replace("h", "heads").replace("d", "head_dim")
+        raise ValueError(
+            f"{name} must be {want}-D {shape} for layout={layout!r}, got shape {tuple(x.shape)}")
+    return x.transpose(1, 2) if layout == "bhsd" else x
+
+
+def _from_op_view(y: torch.Tensor, layout: str) -> torch.Tensor:
+    return y.transpose(1, 2) if layout == "bhsd" else y
+
+
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    *,
+    interleaved: bool = False,
+    layout: str = "bshd",
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Rotate x by the angles whose cosines and sines are `cos` and `sin`.
+
+    Args:
+        x: the vectors, ``[batch, seq, heads, head_dim]`` (layout "bshd"),
+            ``[batch, heads, seq, head_dim]`` ("bhsd") or ``[tokens, heads, head_dim]``
+            ("thd", packed sequences; `positions` required). Any strides: q or k
+            sliced out of a fused qkv projection works without a copy.
+        cos, sin: ``[P, r/2]`` indexed by `positions` (see :func:`cos_sin_table`), or
+            one row per token, ``[batch, seq, r/2]`` / ``[seq, r/2]``. ``r = 2 * cos.size(-1)``
+            dimensions are rotated; ``x[..., r:]`` passes through. float32, float64 or x's dtype.
+        positions: int32/int64 ``[batch, seq]``, ``[seq]`` or ``[tokens]`` (thd). None means
+            token s sits at position s.
+        interleaved: False pairs ``(x[i], x[i + r/2])`` (Hugging Face Llama, GPT-NeoX);
+            True pairs ``(x[2i], x[2i+1])`` (GPT-J, Meta's original Llama).
+        layout: "bshd", "bhsd" or "thd".
+        inplace: rotate x in place and return it (no output allocation; not differentiable).
+
+    Returns:
+        The rotated tensor, x's dtype, shape and device. Math is float32 (float64 for float64 x).
+    """
+    xv = _op_view(x, layout, "x")
+    if inplace:
+        ops.apply_(xv, cos, sin, positions, interleaved, False)
+        return x
+    return _from_op_view(ops.apply(xv, cos, sin, positions, interleaved, False), layout)
+
+
+def apply_rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    *,
+    interleaved: bool = False,
+    layout: str = "bshd",
+    inplace: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k together, in one kernel pass; see :func:`apply_rope` for the arguments.
+
+    q and k share the token dimensions and the dtype; their head counts may differ
+    (grouped-query attention) and so may their head_dim, as long as both hold r.
+    """
+    qv = _op_view(q, layout, "q")
+    kv = _op_view(k, layout, "k")
+    if inplace:
+        ops.apply_qk_(qv, kv, cos, sin, positions, interleaved, False)
+        return q, k
+    qo, ko = ops.apply_qk(qv, kv, cos, sin, positions, interleaved, False)
+    return _from_op_view(qo, layout), _from_op_view(ko, layout)
