@@ -11,12 +11,21 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS   := numpy pytest hypothesis transformers==5.18.0 setuptools wheel
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: demo test build bench clean help
+# The CUDA kernel is compiled (not run: no GPU here) against the CUDA build of
+# torch in a second venv, so a change that breaks nvcc turns CI red.
+VENV_CUDA ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# `which nvcc` may be a wrapper script outside the toolkit; point at the toolkit.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc))))
+
+.PHONY: demo test build bench cuda-build clean help
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
 	@echo "make test   the test suite"
 	@echo "make bench  the full CPU benchmark"
+	@echo "make cuda-build  compile the CUDA kernel with nvcc (no GPU needed)"
 	@echo "make clean  remove build outputs (keeps the venv)"
 
 $(VENV)/.deps:
@@ -42,6 +51,19 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_cpu.py
+
+$(VENV_CUDA)/.deps:
+	@echo "==> creating $(VENV_CUDA) with $(CUDA_TORCH_SPEC), the CUDA build (several GB, first run only)"
+	$(PYTHON) -m venv $(VENV_CUDA)
+	$(VENV_CUDA)/bin/python -m pip install --progress-bar off -q "$(CUDA_TORCH_SPEC)" numpy setuptools wheel
+	@touch $@
+
+cuda-build: $(VENV_CUDA)/.deps
+	@test -n "$(CUDA_HOME)" || { echo "cuda-build: nvcc not found; install the CUDA toolkit or set CUDA_HOME"; exit 1; }
+	@echo "==> compiling the CUDA kernel for TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) with $(CUDA_HOME)/bin/nvcc (a few minutes)"
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" ROPE_EXT_CUDA=1 \
+	  $(VENV_CUDA)/bin/python setup.py -q build_ext -b build/cuda -t build/cuda/tmp
+	cd build/cuda && ../../$(VENV_CUDA)/bin/python ../../.ci/check_cuda_build.py
 
 clean:
 	rm -rf build rope_ext/*.so rope_ext.egg-info $(VENV)/.built

@@ -83,7 +83,8 @@ def extension():
     sanitize = os.environ.get("ROPE_EXT_SANITIZE")
     opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
     # -fopenmp: at::parallel_for is serial without it.
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # No -std: cpp_extension picks the standard the installed torch needs (C++20 from 2.14).
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
@@ -99,7 +100,7 @@ def extension():
         return cpp_extension.CppExtension(**kwargs)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     kwargs["extra_compile_args"]["nvcc"] = opt + [
-        "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fopenmp",
+        "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fopenmp",
     ]
     return cpp_extension.CUDAExtension(**kwargs)
 

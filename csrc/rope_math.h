@@ -10,7 +10,9 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ROPE_HD __host__ __device__ __forceinline__
+#define ROPE_UNROLL _Pragma("unroll")
 #else
+#define ROPE_UNROLL
 // Always inlined: the CPU kernel is compiled once per instruction set, and an
 // out-of-line copy built with AVX-512 must never be the one the linker keeps.
 #define ROPE_HD inline __attribute__((always_inline))
@@ -50,12 +52,17 @@ ROPE_HD int64_t sin_offset(const TableIndex& t, int64_t b, int64_t s, int64_t po
   return b * t.sin_sb + s * t.sin_ss + pos * t.sin_sp;
 }
 
-// The two head_dim slots that form pair i (0 <= i < r/2).
-//   half-split  (HF Llama, GPT-NeoX): (i, i + r/2)
-//   interleaved (RoFormer, GPT-J):    (2i, 2i + 1)
-ROPE_HD void pair_slots(int64_t i, int64_t half, bool interleaved, int64_t& da, int64_t& db) {
-  da = interleaved ? 2 * i : i;
-  db = interleaved ? 2 * i + 1 : i + half;
+// Where the n pairs [i0, i0 + n) of a head live: two runs of n slots each,
+// `lo` at offset lo_off and `hi` at hi_off (in units of head_dim elements).
+//   half-split  (HF Llama, GPT-NeoX): lo = x[i0 .. i0+n),   hi = x[half+i0 .. half+i0+n);
+//                                     pair j is (lo[j], hi[j]).
+//   interleaved (RoFormer, GPT-J):    lo = x[2i0 .. 2i0+n), hi = x[2i0+n .. 2i0+2n);
+//                                     pair j is slots (2j, 2j+1) of lo ++ hi.
+// The CUDA kernel moves each run with one 16-byte load; n = 1 is the scalar case.
+ROPE_HD void chunk_offsets(int64_t i0, int64_t n, int64_t half, bool interleaved, int64_t& lo_off,
+                           int64_t& hi_off) {
+  lo_off = interleaved ? 2 * i0 : i0;
+  hi_off = interleaved ? 2 * i0 + n : half + i0;
 }
 
 // (a, b) <- (a cos - b sin, a sin + b cos): the complex product (a + ib) e^{i phi}.
@@ -67,6 +74,25 @@ ROPE_HD void rotate_pair(T& a, T& b, const T& c, const T& s) {
   const T rb = a * s + b * c;
   a = ra;
   b = rb;
+}
+
+// Rotates the n pairs held in lo and hi (laid out as chunk_offsets says) by
+// the angles whose cos and sin are c[j] and s[j].
+template <int N, typename T>
+ROPE_HD void rotate_chunk(T (&lo)[N], T (&hi)[N], const T (&c)[N], const T (&s)[N],
+                          bool interleaved) {
+  if (!interleaved) {
+ROPE_UNROLL
+    for (int j = 0; j < N; ++j) rotate_pair(lo[j], hi[j], c[j], s[j]);
+    return;
+  }
+ROPE_UNROLL
+  for (int j = 0; j < N; ++j) {
+    // Slots 2j and 2j+1 of lo ++ hi; both fall in the same run since N is 1 or even.
+    T& a = 2 * j < N ? lo[2 * j] : hi[2 * j - N];
+    T& b = 2 * j + 1 < N ? lo[2 * j + 1] : hi[2 * j + 1 - N];
+    rotate_pair(a, b, c[j], s[j]);
+  }
 }
 
 }  // namespace rope

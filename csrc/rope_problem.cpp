@@ -5,6 +5,11 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
+#include <functional>
+#include <utility>
+#include <vector>
+
 #include "rope_ops.h"
 
 namespace rope {
@@ -54,10 +59,10 @@ void check_positions_in_range(const at::Tensor& positions, int64_t rows) {
   if (!positions.is_cpu()) return;
   auto [lo, hi] = at::aminmax(positions);
   const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-  TORCH_CHECK_VALUE(mn >= 0 && mx < rows, "rope: positions must lie in [0, ", rows,
-                    ") for a table of ", rows, " rows (cos.size(0)), got values in [", mn, ", ",
-                    mx, "]; build a longer table with cos_sin_table(..., max_positions=", mx + 1,
-                    ")");
+  TORCH_CHECK_VALUE(mn >= 0, "rope: positions must lie in [0, ", rows, "), got ", mn);
+  TORCH_CHECK_VALUE(mx < rows, "rope: positions must lie in [0, ", rows, ") for a table of ", rows,
+                    " rows (cos.size(0)), got ", mx, "; build a table with max_positions > ", mx,
+                    " (cos_sin_table, or RotaryEmbedding(max_positions=...))");
 }
 
 // xs: the tensors to rotate (q alone, or q and k); outs: where the results go.
@@ -171,11 +176,67 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
   return p;
 }
 
+// True when no two indices of x can reach the same element: with the dims of
+// size > 1 sorted by stride, each stride steps past everything the smaller
+// ones span. That holds for every slice and transpose of a dense tensor (a q
+// cut from a fused qkv included) and fails for expand and hand-made overlaps.
+bool provably_non_overlapping(const at::Tensor& x) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // largest offset reachable with the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += (size - 1) * stride;
+  }
+  return true;
+}
+
 void check_writable(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, "rope: in-place rotation"
-                    " needs ", name, " without overlapping elements (it has a zero or overlapping "
-                    "stride, e.g. from expand); use the functional op or pass ", name,
+  TORCH_CHECK_VALUE(provably_non_overlapping(x), "rope: in-place rotation needs ", name,
+                    " whose elements do not overlap, got strides ", x.strides(), " for shape ",
+                    x.sizes(), " (e.g. from expand); use the functional op or pass ", name,
                     ".contiguous()");
+}
+
+// Whether some element of k is also an element of q: is there an index a of q
+// and b of k with q_off + a.stride = k_off + b.stride? Searched dim by dim from
+// the largest stride, keeping only the steps the smaller dims can still make
+// up; for views of a dense tensor that is at most two candidates per dim.
+// Given up (answered "shared") past a budget, for exotic strides.
+bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
+  if (!q.is_alias_of(k)) return false;
+  if (q.strides() != k.strides() || q.dim() != k.dim()) return true;
+  struct Dim {
+    int64_t stride, q_size, k_size;
+  };
+  std::vector<Dim> dims;
+  for (int64_t d = 0; d < q.dim(); ++d) {
+    if (q.stride(d) > 0) dims.push_back({q.stride(d), q.size(d), k.size(d)});
+  }
+  std::sort(dims.begin(), dims.end(), [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
+  // reach_lo[i], reach_hi[i]: the range of sum_{j >= i} (a_j - b_j) * stride_j.
+  std::vector<int64_t> reach_lo(dims.size() + 1, 0), reach_hi(dims.size() + 1, 0);
+  for (int64_t i = static_cast<int64_t>(dims.size()) - 1; i >= 0; --i) {
+    reach_lo[i] = reach_lo[i + 1] - (dims[i].k_size - 1) * dims[i].stride;
+    reach_hi[i] = reach_hi[i + 1] + (dims[i].q_size - 1) * dims[i].stride;
+  }
+  int64_t budget = 4096;
+  const auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && (a < 0)); };
+  std::function<bool(size_t, int64_t)> search = [&](size_t i, int64_t rest) -> bool {
+    if (--budget < 0) return true;
+    if (i == dims.size()) return rest == 0;
+    const Dim& d = dims[i];
+    const int64_t lo = std::max(-(d.k_size - 1), -floor_div(reach_hi[i + 1] - rest, d.stride));
+    const int64_t hi = std::min(d.q_size - 1, floor_div(rest - reach_lo[i + 1], d.stride));
+    for (int64_t step = lo; step <= hi; ++step) {
+      if (search(i + 1, rest - step * d.stride)) return true;
+    }
+    return false;
+  };
+  return search(0, k.storage_offset() - q.storage_offset());
 }
 
 bool empty(const RopeProblem& p) {
@@ -221,8 +282,9 @@ void apply_qk_(Kernel kernel, const at::Tensor& q, const at::Tensor& k, const at
   const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse);
   check_writable(q, "q");
   check_writable(k, "k");
-  TORCH_CHECK_VALUE(at::get_overlap_status(q, k) == at::MemOverlapStatus::No, "rope: q and k "
-                    "share memory; rotating them in place would rotate those elements twice");
+  TORCH_CHECK_VALUE(!may_share_elements(q, k), "rope: q and k share elements; rotating them in "
+                    "place would rotate those twice. Pass disjoint views (q and k sliced from one "
+                    "fused qkv buffer are fine) or use the functional op");
   if (!empty(p)) kernel(p);
 }
 

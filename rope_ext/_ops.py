@@ -20,25 +20,38 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 ops = torch.ops.rope
 
 # --- fake kernels: one layout rule, the C++ one: the output is empty_like(x) ---
+# A meta tensor mixed with real ones also lands here, so the fake kernels check
+# devices as the real ones do instead of returning a tensor on the wrong device.
+
+
+def _check_devices(x, xname, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"rope: {name} is on {t.device} but {xname} is on {x.device}; "
+                             f"move {name} to {x.device}")
 
 
 @torch.library.register_fake("rope::apply")
 def _apply_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    _check_devices(x, "x", cos=cos, sin=sin, positions=positions)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("rope::apply_")
 def _apply_inplace_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    _check_devices(x, "x", cos=cos, sin=sin, positions=positions)
     return None
 
 
 @torch.library.register_fake("rope::apply_qk")
 def _apply_qk_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions)
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.register_fake("rope::apply_qk_")
 def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions)
     return None
 
 

@@ -32,8 +32,10 @@ class RotaryEmbedding(nn.Module):
                  max_positions: int = 4096, scaling: Optional[dict] = None,
                  interleaved: bool = False, layout: str = "bshd"):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+        if head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         inv_freq, attention_factor = rope_frequencies(rotary_dim, base, scaling)
         if rotary_dim > head_dim:
@@ -65,6 +67,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor,
                 positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k (layout as given at construction); positions as in :func:`apply_rope`."""
+        if positions is None and q.dim() == 4 and self.layout != "thd":
+            seq = q.shape[2 if self.layout == "bhsd" else 1]
+            if seq > self.max_positions:
+                raise ValueError(f"sequence length {seq} exceeds max_positions="
+                                 f"{self.max_positions} of this RotaryEmbedding; construct it with "
+                                 f"a larger max_positions")
         return apply_rope_qk(q, k, self.cos, self.sin, positions, interleaved=self.interleaved,
                              layout=self.layout)
 

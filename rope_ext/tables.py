@@ -32,8 +32,9 @@ def rope_frequencies(rotary_dim: int, base: float = 10000.0,
         that :func:`cos_sin_table` folds into the table.
     """
     r = _check_rotary_dim(rotary_dim)
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) \
-            or base <= 1.0:
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        raise TypeError(f"base must be a number, got {type(base).__name__}")
+    if not math.isfinite(base) or base <= 1.0:
         raise ValueError(f"base must be a finite number greater than 1, got {base!r}")
     return _scaling.frequencies(r, float(base), scaling)
 
@@ -51,16 +52,18 @@ def cos_sin_table(inv_freq: torch.Tensor, max_positions: int, attention_factor: 
         ``(cos, sin)``, each ``[max_positions, r/2]``, contiguous, on `device`
         (default: inv_freq's device).
     """
-    if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1 \
-            or not inv_freq.is_floating_point():
-        raise ValueError("inv_freq must be a 1-D floating-point tensor [rotary_dim/2], got "
-                         f"{inv_freq.shape if isinstance(inv_freq, torch.Tensor) else inv_freq!r}")
+    if not isinstance(inv_freq, torch.Tensor) or not inv_freq.is_floating_point():
+        raise TypeError(f"inv_freq must be a floating-point tensor, got "
+                        f"{inv_freq.dtype if isinstance(inv_freq, torch.Tensor) else inv_freq!r}")
+    if inv_freq.dim() != 1:
+        raise ValueError(f"inv_freq must be 1-D [rotary_dim/2], got shape {tuple(inv_freq.shape)}")
     if isinstance(max_positions, bool) or not isinstance(max_positions, int):
         raise TypeError(f"max_positions must be an int, got {type(max_positions).__name__}")
     if not 0 <= max_positions <= 2**31:
         raise ValueError(f"max_positions must lie in [0, 2**31], got {max_positions}")
-    if isinstance(attention_factor, bool) or not isinstance(attention_factor, (int, float)) \
-            or not math.isfinite(attention_factor) or attention_factor <= 0:
+    if isinstance(attention_factor, bool) or not isinstance(attention_factor, (int, float)):
+        raise TypeError(f"attention_factor must be a number, got {type(attention_factor).__name__}")
+    if not math.isfinite(attention_factor) or attention_factor <= 0:
         raise ValueError(f"attention_factor must be a positive finite number, got "
                          f"{attention_factor!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -106,20 +106,22 @@ void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scal
   }
 }
 
-// Any strides: the same pair math, one element at a time.
+// Any strides: the shared chunk math with one pair per chunk, as the CUDA
+// kernel's scalar path runs it.
 template <typename scalar_t>
 void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd,
                          const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
                          int64_t half, bool interleaved) {
   using T = opmath_t<scalar_t>;
   for (int64_t i = 0; i < half; ++i) {
-    int64_t da, db;
-    pair_slots(i, half, interleaved, da, db);
-    T a = static_cast<T>(x[da * xsd]);
-    T b = static_cast<T>(x[db * xsd]);
-    rotate_pair(a, b, c[i], s[i]);
-    y[da * ysd] = static_cast<scalar_t>(a);
-    y[db * ysd] = static_cast<scalar_t>(b);
+    int64_t lo_off, hi_off;
+    chunk_offsets(i, 1, half, interleaved, lo_off, hi_off);
+    T lo[1] = {static_cast<T>(x[lo_off * xsd])};
+    T hi[1] = {static_cast<T>(x[hi_off * xsd])};
+    const T cc[1] = {c[i]}, ss[1] = {s[i]};
+    rotate_chunk(lo, hi, cc, ss, interleaved);
+    y[lo_off * ysd] = static_cast<scalar_t>(lo[0]);
+    y[hi_off * ysd] = static_cast<scalar_t>(hi[0]);
   }
 }
 

@@ -1,0 +1,1122 @@
+"""Bad input (API.md section 3): every public entry point answers it with a Python exception
+whose message names the argument; nothing crashes, hangs, reads out of bounds or silently
+returns a wrong answer. Empty inputs return empty outputs; NaN and Inf pass through.
+
+Convention: dtype problems (and arguments of the wrong Python type) raise TypeError; shapes,
+ranks, values, devices, layout, rope_type, missing scaling keys, out-of-range positions and
+overlapping in-place tensors raise ValueError. Every check matches the argument's name as a
+whole word in the message.
+
+Cases that could take the interpreter down if a check were missing (positions outside the
+table, in-place writes through overlapping or zero strides) run in one child interpreter
+(`_isolated`), so that a segfault fails those tests instead of killing pytest.
+
+Self-contained: helpers live here, not in conftest.py / reference.py.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rope_ext
+
+ops = torch.ops.rope
+
+REPO = Path(__file__).resolve().parents[1]
+
+B, S, H, D = 2, 4, 3, 8   # batch, seq, heads, head_dim
+HALF = 4                  # r / 2: the table has HALF columns, r = 8 = D
+P = 16                    # table rows
+
+SINGLE = ("op.apply", "op.apply_", "apply_rope", "apply_rope[inplace]")
+PAIR = ("op.apply_qk", "op.apply_qk_", "apply_rope_qk", "apply_rope_qk[inplace]")
+ENTRIES = SINGLE + PAIR              # every entry point that takes cos/sin
+ALL_ENTRIES = ENTRIES + ("module",)  # ... plus RotaryEmbedding.forward (its own table)
+QK_ENTRIES = PAIR + ("module",)
+
+
+def table(rows=P, half=HALF, dtype=torch.float32):
+    inv_freq, attn = rope_ext.rope_frequencies(2 * half)
+    return rope_ext.cos_sin_table(inv_freq, rows, attn, dtype=dtype)
+
+
+def xname(entry):
+    """The name the library gives the first tensor to rotate."""
+    return "x" if entry in SINGLE else "q"
+
+
+def call(entry, x, cos=None, sin=None, positions=None, k=None, layout=None):
+    """Run one entry point. cos/sin default to a [P, HALF] table; k defaults to a copy of x;
+    layout defaults to "thd" for 3-D x, "bshd" otherwise (the module ignores cos/sin and
+    builds its own [P, HALF] table)."""
+    if cos is None:
+        cos, sin = table()
+    if layout is None:
+        layout = "thd" if x.dim() == 3 else "bshd"
+    if entry in QK_ENTRIES and k is None:
+        k = x.clone()
+    if entry == "op.apply":
+        return ops.apply(x, cos, sin, positions)
+    if entry == "op.apply_":
+        return ops.apply_(x, cos, sin, positions)
+    if entry == "op.apply_qk":
+        return ops.apply_qk(x, k, cos, sin, positions)
+    if entry == "op.apply_qk_":
+        return ops.apply_qk_(x, k, cos, sin, positions)
+    if entry == "apply_rope":
+        return rope_ext.apply_rope(x, cos, sin, positions, layout=layout)
+    if entry == "apply_rope[inplace]":
+        return rope_ext.apply_rope(x, cos, sin, positions, layout=layout, inplace=True)
+    if entry == "apply_rope_qk":
+        return rope_ext.apply_rope_qk(x, k, cos, sin, positions, layout=layout)
+    if entry == "apply_rope_qk[inplace]":
+        return rope_ext.apply_rope_qk(x, k, cos, sin, positions, layout=layout, inplace=True)
+    if entry == "module":
+        rope = rope_ext.RotaryEmbedding(D, rotary_dim=2 * HALF, max_positions=P, layout=layout)
+        return rope(x, k, positions)
+    raise AssertionError(entry)
+
+
+def word(name):
+    return rf"\b{re.escape(name)}\b"
+
+
+def x4(dtype=torch.float32, shape=(B, S, H, D)):
+    return torch.randn(shape, dtype=torch.float64).to(dtype)
+
+
+def arange_pos(dtype=torch.int64):
+    return torch.arange(S, dtype=dtype).expand(B, S).contiguous()
+
+
+def reference(x, cos, sin, positions=None, interleaved=False):
+    """float64 rotation of x [B, S, H, d] by a [P, half] table (positions None: row s)."""
+    xd = x.double()
+    half = cos.size(-1)
+    r = 2 * half
+    if positions is None:
+        c = cos[:x.size(1)].double()[None, :, None, :]
+        s = sin[:x.size(1)].double()[None, :, None, :]
+    else:
+        pos = positions.long()
+        if pos.dim() == 1:
+            pos = pos[None]
+        c = cos.double()[pos][:, :, None, :]
+        s = sin.double()[pos][:, :, None, :]
+    if interleaved:
+        x1, x2 = xd[..., 0:r:2], xd[..., 1:r:2]
+    else:
+        x1, x2 = xd[..., :half], xd[..., half:r]
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    out = xd.clone()
+    if interleaved:
+        out[..., 0:r:2], out[..., 1:r:2] = o1, o2
+    else:
+        out[..., :half], out[..., half:r] = o1, o2
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: TypeError
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
+                                   torch.complex64])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_non_float_x(entry, dtype):
+    x = torch.ones(B, S, H, D).to(dtype)
+    with pytest.raises(TypeError, match=word(xname(entry))):
+        call(entry, x)
+
+
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_non_float_x_thd(entry):
+    x = torch.ones(S, H, D, dtype=torch.int32)
+    with pytest.raises(TypeError, match=word(xname(entry))):
+        call(entry, x, positions=torch.arange(S))
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.float32, torch.float64, torch.bool, torch.int16,
+                                       torch.uint8])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_positions_dtype(entry, pos_dtype):
+    positions = torch.zeros(B, S).to(pos_dtype)
+    with pytest.raises(TypeError, match=word("positions")):
+        call(entry, x4(), positions=positions)
+
+
+@pytest.mark.parametrize("x_dtype,table_dtype", [
+    (torch.bfloat16, torch.float16),   # fp16 table with bf16 x
+    (torch.float16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.int32),
+    (torch.float32, torch.int64),
+    (torch.float32, torch.bool),
+    (torch.float32, torch.complex64),
+])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_table_dtype(entry, x_dtype, table_dtype):
+    cos, sin = table()
+    with pytest.raises(TypeError, match=word("cos")):
+        call(entry, x4(x_dtype), cos.to(table_dtype), sin.to(table_dtype), arange_pos())
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_table_dtype_allowed(entry):
+    # float32, float64 and x's own dtype are accepted (the contrast to test_table_dtype).
+    for t_dtype in (torch.float32, torch.float64, torch.bfloat16):
+        cos, sin = table()
+        call(entry, x4(torch.bfloat16), cos.to(t_dtype), sin.to(t_dtype), arange_pos())
+
+
+@pytest.mark.parametrize("cos_dtype,sin_dtype", [(torch.float32, torch.float64),
+                                                 (torch.float64, torch.float32),
+                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_cos_sin_dtype_mismatch(entry, cos_dtype, sin_dtype):
+    cos, sin = table()
+    x = x4(torch.float16)
+    with pytest.raises(TypeError, match=word("sin")):
+        call(entry, x, cos.to(cos_dtype), sin.to(sin_dtype), arange_pos())
+
+
+@pytest.mark.parametrize("q_dtype,k_dtype", [(torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16),
+                                             (torch.float32, torch.float64)])
+@pytest.mark.parametrize("entry", QK_ENTRIES)
+def test_q_k_dtype_mismatch(entry, q_dtype, k_dtype):
+    with pytest.raises(TypeError, match=word("k")):
+        call(entry, x4(q_dtype), k=x4(k_dtype), positions=arange_pos())
+
+
+@pytest.mark.parametrize("entry", QK_ENTRIES)
+def test_integer_k(entry):
+    with pytest.raises(TypeError, match=word("k")):
+        call(entry, x4(), k=torch.ones(B, S, H, D, dtype=torch.int64), positions=arange_pos())
+
+
+@pytest.mark.parametrize("bad", [[[1.0] * D], 3.0, None])
+def test_apply_rope_x_not_a_tensor(bad):
+    cos, sin = table()
+    with pytest.raises(TypeError, match=word("x")):
+        rope_ext.apply_rope(bad, cos, sin)
+    with pytest.raises(TypeError, match=word("q")):
+        rope_ext.apply_rope_qk(bad, x4(), cos, sin)
+    with pytest.raises(TypeError, match=word("k")):
+        rope_ext.apply_rope_qk(x4(), bad, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks and shapes: ValueError
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(S * H, D), (D,), (1, B, S, H, D), (B, S, H, D, 1)])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_x_rank(entry, shape):
+    with pytest.raises(ValueError, match=word(xname(entry))):
+        call(entry, torch.randn(shape), layout="bshd")
+
+
+@pytest.mark.parametrize("shape", [(S, D), (B, S, H, D, 1)])
+@pytest.mark.parametrize("entry", QK_ENTRIES)
+def test_k_rank(entry, shape):
+    with pytest.raises(ValueError, match=word("k")):
+        call(entry, x4(), k=torch.randn(shape))
+
+
+@pytest.mark.parametrize("cos_shape", [(HALF,), (1, 1, P, HALF), (), (B, S, 1, HALF)])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_cos_rank(entry, cos_shape):
+    cos = torch.ones(cos_shape)
+    with pytest.raises(ValueError, match=word("cos")):
+        call(entry, x4(), cos, cos.clone())
+    with pytest.raises(ValueError, match=word("cos")):
+        call(entry, x4(), cos, cos.clone(), arange_pos())
+
+
+@pytest.mark.parametrize("cos_shape,sin_shape", [((P, HALF), (P, HALF - 1)),
+                                                 ((P, HALF), (P - 1, HALF)),
+                                                 ((P, HALF), (1, P, HALF)),
+                                                 ((B, S, HALF), (1, S, HALF))])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_cos_sin_shape_mismatch(entry, cos_shape, sin_shape):
+    with pytest.raises(ValueError, match=word("sin")):
+        call(entry, x4(), torch.ones(cos_shape), torch.ones(sin_shape))
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_rotary_dim_exceeds_head_dim(entry, with_positions):
+    cos, sin = table(half=D // 2 + 1)  # r = D + 2 > head_dim
+    with pytest.raises(ValueError, match=word("head_dim")):
+        call(entry, x4(), cos, sin, arange_pos() if with_positions else None)
+
+
+@pytest.mark.parametrize("entry", ("op.apply_qk", "op.apply_qk_", "apply_rope_qk",
+                                   "apply_rope_qk[inplace]"))
+def test_rotary_dim_exceeds_k_head_dim(entry):
+    # q holds r, k's head_dim is smaller: the message must point at k.
+    cos, sin = table(half=D // 2)
+    k = torch.randn(B, S, 1, D - 2)
+    with pytest.raises(ValueError, match=word("head_dim")) as info:
+        call(entry, x4(), cos, sin, arange_pos(), k=k)
+    assert re.search(word("k") + "|" + word("k's"), str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("cos_shape", [(B + 1, S, HALF), (B, S + 1, HALF), (B, S - 1, HALF),
+                                       (1, S + 1, HALF), (B, 1, HALF)])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_per_token_table_shape(entry, cos_shape):
+    cos = torch.ones(cos_shape)
+    with pytest.raises(ValueError, match=word("cos")):
+        call(entry, x4(), cos, cos.clone())
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_table_shorter_than_seq_without_positions(entry):
+    cos, sin = table(rows=S - 1)
+    with pytest.raises(ValueError, match=word("cos")):
+        call(entry, x4(), cos, sin)
+
+
+def test_module_seq_longer_than_max_positions():
+    # The module's table has max_positions rows; the caller's fix is a larger max_positions.
+    rope = rope_ext.RotaryEmbedding(D, max_positions=S - 1)
+    with pytest.raises(ValueError, match=word("max_positions")):
+        rope(x4(), x4())
+
+
+@pytest.mark.parametrize("pos_shape", [(B, S, 1), (1, B, S), (B, S + 1), (B + 1, S), (S + 1,),
+                                       (S - 1,), (B * S,), (0,), (1,), ()])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_positions_shape(entry, pos_shape):
+    positions = torch.zeros(pos_shape, dtype=torch.int64)
+    with pytest.raises(ValueError, match=word("positions")):
+        call(entry, x4(), positions=positions)
+
+
+@pytest.mark.parametrize("pos_shape", [(S + 1,), (S - 1,), (1, S), (S, 1), ()])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_positions_shape_thd(entry, pos_shape):
+    positions = torch.zeros(pos_shape, dtype=torch.int32)
+    with pytest.raises(ValueError, match=word("positions")):
+        call(entry, torch.randn(S, H, D), positions=positions)
+
+
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_thd_without_positions(entry):
+    with pytest.raises(ValueError, match=word("positions")):
+        call(entry, torch.randn(S, H, D))
+
+
+@pytest.mark.parametrize("cos_shape", [(S, HALF), (1, S, HALF)])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_thd_per_token_table_without_positions(entry, cos_shape):
+    # [S, HALF] reads as a table of S rows, [1, S, HALF] as per-token rows: thd needs positions.
+    cos = torch.ones(cos_shape)
+    with pytest.raises(ValueError, match=word("positions")):
+        call(entry, torch.randn(S, H, D), cos, cos.clone())
+
+
+@pytest.mark.parametrize("cos_shape", [(B, S, HALF), (1, S, HALF), (1, P, HALF)])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_per_token_table_with_positions(entry, cos_shape):
+    cos = torch.ones(cos_shape)
+    with pytest.raises(ValueError, match=word("positions")):
+        call(entry, x4(), cos, cos.clone(), arange_pos())
+
+
+@pytest.mark.parametrize("k_shape", [(B + 1, S, H, D), (B, S + 1, H, D), (1, S, H, D),
+                                     (B, 1, H, D), (S, H, D)])
+@pytest.mark.parametrize("entry", QK_ENTRIES)
+def test_q_k_token_dims_differ(entry, k_shape):
+    if entry == "module" or entry.startswith("apply_rope"):
+        if len(k_shape) == 3:  # the wrapper sees the wrong rank for layout bshd first
+            with pytest.raises(ValueError, match=word("k")):
+                call(entry, x4(), k=torch.randn(k_shape))
+            return
+    with pytest.raises(ValueError, match=word("k")) as info:
+        call(entry, x4(), k=torch.randn(k_shape))
+    assert re.search(word("q"), str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("entry", ("op.apply_qk", "op.apply_qk_"))
+def test_q_k_token_dims_differ_thd(entry):
+    with pytest.raises(ValueError, match=word("k")):
+        call(entry, torch.randn(S, H, D), k=torch.randn(S + 1, H, D), positions=torch.arange(S))
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["sbhd", "BSHD", "", "bsh", None, 4])
+def test_unknown_layout(layout):
+    cos, sin = table()
+    with pytest.raises(ValueError, match=word("layout")):
+        rope_ext.apply_rope(x4(), cos, sin, layout=layout)
+    with pytest.raises(ValueError, match=word("layout")):
+        rope_ext.apply_rope(x4(), cos, sin, layout=layout, inplace=True)
+    with pytest.raises(ValueError, match=word("layout")):
+        rope_ext.apply_rope_qk(x4(), x4(), cos, sin, layout=layout)
+    with pytest.raises(ValueError, match=word("layout")):
+        rope_ext.RotaryEmbedding(D, layout=layout)
+
+
+@pytest.mark.parametrize("layout,shape", [("bshd", (S, H, D)), ("bhsd", (S, H, D)),
+                                          ("thd", (B, S, H, D)), ("thd", (S, D)),
+                                          ("bhsd", (B, H, S, D, 1))])
+@pytest.mark.parametrize("entry", ("apply_rope", "apply_rope[inplace]", "apply_rope_qk",
+                                   "apply_rope_qk[inplace]", "module"))
+def test_x_rank_does_not_match_layout(entry, layout, shape):
+    positions = torch.arange(S)
+    with pytest.raises(ValueError, match=word(xname(entry))) as info:
+        call(entry, torch.randn(shape), positions=positions, layout=layout)
+    assert re.search(word("layout"), str(info.value)), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope_frequencies: rotary_dim, base, scaling
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rotary_dim", [7, 1, 0, -2, -8])
+def test_rotary_dim_value(rotary_dim):
+    with pytest.raises(ValueError, match=word("rotary_dim")):
+        rope_ext.rope_frequencies(rotary_dim)
+
+
+@pytest.mark.parametrize("rotary_dim", [8.0, "8", None, [8], True])
+def test_rotary_dim_not_an_int(rotary_dim):
+    with pytest.raises(TypeError, match=word("rotary_dim")):
+        rope_ext.rope_frequencies(rotary_dim)
+
+
+@pytest.mark.parametrize("base", [1, 1.0, 0.5, 0.0, -10000.0, float("nan"), float("inf"),
+                                  -float("inf")])
+def test_base_value(base):
+    with pytest.raises(ValueError, match=word("base")):
+        rope_ext.rope_frequencies(8, base)
+
+
+@pytest.mark.parametrize("scaling", [["linear", 2.0], "linear", 2.0, ("rope_type", "linear")])
+def test_scaling_not_a_dict(scaling):
+    with pytest.raises(TypeError, match=word("scaling")):
+        rope_ext.rope_frequencies(8, 10000.0, scaling)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "foo", "factor": 2.0},
+                                     {"type": "ntk", "factor": 2.0},
+                                     {"rope_type": "", "factor": 2.0},
+                                     {"rope_type": "LINEAR", "factor": 2.0},
+                                     {"rope_type": ["linear"], "factor": 2.0}])
+def test_unknown_rope_type(scaling):
+    with pytest.raises(ValueError, match=word("rope_type")):
+        rope_ext.rope_frequencies(8, 10000.0, scaling)
+    with pytest.raises(ValueError, match=word("rope_type")):
+        rope_ext.RotaryEmbedding(D, scaling=scaling)
+
+
+# Complete dicts of each rope_type (SPEC.md section 3: required keys) and the keys whose absence
+# must be reported.
+COMPLETE = {
+    "linear": ({"rope_type": "linear", "factor": 2.0}, ["factor"]),
+    "linear(type)": ({"type": "linear", "factor": 2.0}, ["factor"]),
+    "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, ["factor"]),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+             ["factor", "original_max_position_embeddings"]),
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0] * HALF,
+                  "long_factor": [2.0] * HALF, "original_max_position_embeddings": 4096},
+                 ["short_factor", "long_factor", "original_max_position_embeddings"]),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+               ["factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"]),
+}
+MISSING = [(kind, key) for kind, (_, keys) in COMPLETE.items() for key in keys]
+
+
+@pytest.mark.parametrize("kind", list(COMPLETE))
+def test_complete_scaling_accepted(kind):
+    # The contrast to test_missing_scaling_key: with every required key the dict is accepted.
+    inv_freq, attn = rope_ext.rope_frequencies(2 * HALF, 10000.0, dict(COMPLETE[kind][0]))
+    assert inv_freq.shape == (HALF,)
+    assert math.isfinite(attn) and attn > 0
+
+
+@pytest.mark.parametrize("kind,key", MISSING)
+def test_missing_scaling_key(kind, key):
+    scaling = dict(COMPLETE[kind][0])
+    del scaling[key]
+    with pytest.raises(ValueError, match=word("scaling")) as info:
+        rope_ext.rope_frequencies(2 * HALF, 10000.0, scaling)
+    assert key in str(info.value), str(info.value)
+
+
+def test_missing_scaling_key_module():
+    with pytest.raises(ValueError, match=word("scaling")) as info:
+        rope_ext.RotaryEmbedding(D, scaling={"rope_type": "linear"})
+    assert "factor" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("factor", [0, 0.0, -2.0, float("nan")])
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_scaling_factor_value(kind, factor):
+    scaling = dict(COMPLETE[kind][0], factor=factor)
+    with pytest.raises(ValueError, match=word("factor")):
+        rope_ext.rope_frequencies(2 * HALF, 10000.0, scaling)
+
+
+# ---------------------------------------------------------------------------------------------
+# cos_sin_table
+# ---------------------------------------------------------------------------------------------
+
+
+def _inv():
+    return rope_ext.rope_frequencies(2 * HALF)[0]
+
+
+@pytest.mark.parametrize("inv_freq", [torch.ones(2, HALF, dtype=torch.float64),
+                                      torch.ones((), dtype=torch.float64),
+                                      torch.ones(1, HALF)])
+def test_inv_freq_rank(inv_freq):
+    with pytest.raises(ValueError, match=word("inv_freq")):
+        rope_ext.cos_sin_table(inv_freq, P)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_inv_freq_integer(dtype):
+    with pytest.raises(TypeError, match=word("inv_freq")):
+        rope_ext.cos_sin_table(torch.ones(HALF, dtype=dtype), P)
+
+
+@pytest.mark.parametrize("max_positions", [-1, -P])
+def test_max_positions_negative(max_positions):
+    with pytest.raises(ValueError, match=word("max_positions")):
+        rope_ext.cos_sin_table(_inv(), max_positions)
+    with pytest.raises(ValueError, match=word("max_positions")):
+        rope_ext.RotaryEmbedding(D, max_positions=max_positions)
+
+
+@pytest.mark.parametrize("max_positions", [16.0, 1.5, "16", None, torch.tensor(16)])
+def test_max_positions_not_an_int(max_positions):
+    with pytest.raises(TypeError, match=word("max_positions")):
+        rope_ext.cos_sin_table(_inv(), max_positions)
+    with pytest.raises(TypeError, match=word("max_positions")):
+        rope_ext.RotaryEmbedding(D, max_positions=max_positions)
+
+
+@pytest.mark.parametrize("attention_factor", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_attention_factor_value(attention_factor):
+    with pytest.raises(ValueError, match=word("attention_factor")):
+        rope_ext.cos_sin_table(_inv(), P, attention_factor)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8, "float32",
+                                   float])
+def test_table_dtype_argument(dtype):
+    with pytest.raises(TypeError, match=word("dtype")):
+        rope_ext.cos_sin_table(_inv(), P, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# RotaryEmbedding constructor
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(8, 10), (8, 16), (2, 4)])
+def test_module_rotary_dim_exceeds_head_dim(head_dim, rotary_dim):
+    with pytest.raises(ValueError, match=word("rotary_dim")) as info:
+        rope_ext.RotaryEmbedding(head_dim, rotary_dim=rotary_dim)
+    assert re.search(word("head_dim"), str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("head_dim", [0, -8])
+def test_module_head_dim_value(head_dim):
+    with pytest.raises(ValueError, match=word("head_dim")):
+        rope_ext.RotaryEmbedding(head_dim)
+
+
+@pytest.mark.parametrize("rotary_dim", [7, 0, -4])
+def test_module_rotary_dim_value(rotary_dim):
+    with pytest.raises(ValueError, match=word("rotary_dim")):
+        rope_ext.RotaryEmbedding(D, rotary_dim=rotary_dim)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.0, float("nan")])
+def test_module_base_value(base):
+    with pytest.raises(ValueError, match=word("base")):
+        rope_ext.RotaryEmbedding(D, base=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# in place: what needs a gradient is refused (not-crashing cases; overlap is in _isolated)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inplace_refuses_requires_grad():
+    cos, sin = table()
+    x = torch.randn(B, S, H, D, requires_grad=True)
+    with pytest.raises(ValueError, match=word("x")):
+        ops.apply_(x, cos, sin)
+    with pytest.raises(ValueError, match=word("x")):
+        rope_ext.apply_rope(x, cos, sin, inplace=True)
+    with pytest.raises(ValueError, match=word("q")):
+        ops.apply_qk_(x, torch.randn(B, S, H, D), cos, sin)
+    with pytest.raises(ValueError, match=word("k")):
+        ops.apply_qk_(torch.randn(B, S, H, D), x, cos, sin)
+    with torch.no_grad():  # allowed there
+        ops.apply_(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+# ---------------------------------------------------------------------------------------------
+
+DEVICE_MIX = [
+    ("positions", lambda x, cos, sin, pos: (x, cos, sin, pos.to("meta"))),
+    ("cos", lambda x, cos, sin, pos: (x, cos.to("meta"), sin, pos)),
+    ("cos", lambda x, cos, sin, pos: (x, cos.to("meta"), sin.to("meta"), pos)),
+    ("sin", lambda x, cos, sin, pos: (x, cos, sin.to("meta"), pos)),
+    ("cos", lambda x, cos, sin, pos: (x.to("meta"), cos, sin, pos)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DEVICE_MIX)),
+                         ids=["meta_positions", "meta_cos", "meta_cos_sin", "meta_sin", "meta_x"])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_meta_mixed_with_cpu(entry, case):
+    """A meta tensor among CPU ones is a device mismatch: it must raise (as torch's own ops do),
+    not dispatch to the fake kernel and hand back an uninitialized CPU tensor."""
+    name, mix = DEVICE_MIX[case]
+    cos, sin = table()
+    x, cos, sin, pos = mix(x4(), cos, sin, arange_pos())
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)) as info:
+        call(entry, x, cos, sin, pos)
+    msg = str(info.value)
+    if x.is_meta:  # x on meta, the rest on the CPU: naming any of them is fine
+        assert re.search(r"\bcos\b|\bsin\b|\bpositions\b", msg), msg
+    else:
+        assert re.search(word(name), msg), msg
+
+
+@pytest.mark.parametrize("entry", QK_ENTRIES)
+def test_meta_k_with_cpu_q(entry):
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError), match=word("k")):
+        call(entry, x4(), k=x4().to("meta"), positions=arange_pos())
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_all_meta_is_shape_propagation(entry):
+    # Everything on meta: the fake kernel answers with x's shape and device, nothing crashes.
+    cos, sin = table()
+    x = x4().to("meta")
+    out = call(entry, x, cos.to("meta"), sin.to("meta"), arange_pos().to("meta"))
+    if entry in ("op.apply", "apply_rope"):
+        assert out.is_meta and out.shape == x.shape
+    elif entry in ("op.apply_qk", "apply_rope_qk"):
+        assert all(t.is_meta and t.shape == x.shape for t in out)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA_CASES = [(e, w) for e in ENTRIES for w in ("cos", "sin", "positions")] + \
+             [(e, "k") for e in PAIR] + [(e, "x_on_cpu") for e in ENTRIES]
+
+
+@needs_cuda
+@pytest.mark.parametrize("entry,what", CUDA_CASES)
+def test_cuda_cpu_mismatch(entry, what):
+    dev = torch.device("cuda")
+    cos, sin = table()
+    x, pos = x4().to(dev), arange_pos().to(dev)
+    cos, sin = cos.to(dev), sin.to(dev)
+    k = None
+    name = what
+    if what == "cos":
+        cos = cos.cpu()
+    elif what == "sin":
+        sin = sin.cpu()
+    elif what == "positions":
+        pos = pos.cpu()
+    elif what == "k":
+        k = x4()
+    else:  # x on the CPU, the table on the GPU
+        x, pos = x.cpu(), pos.cpu()
+        name = "cos"
+    with pytest.raises(ValueError, match=word(name)):
+        call(entry, x, cos, sin, pos, k=k)
+
+
+@needs_cuda
+def test_cuda_module_positions_on_cpu():
+    rope = rope_ext.RotaryEmbedding(D, max_positions=P).cuda()
+    q = x4().cuda()
+    with pytest.raises(ValueError, match=word("positions")):
+        rope(q, q.clone(), arange_pos())
+    with pytest.raises(ValueError, match=r"\bq\b|\bcos\b"):
+        rope(x4(), x4(), arange_pos())  # q, k on CPU, the module's table on the GPU
+
+
+# ---------------------------------------------------------------------------------------------
+# empty inputs do not raise; NaN and Inf pass through
+# ---------------------------------------------------------------------------------------------
+
+EMPTY_SHAPES = [(0, S, H, D), (B, 0, H, D), (B, S, 0, D), (0, 0, 0, D), (0, H, D), (S, 0, D)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_positions", [False, True])
+@pytest.mark.parametrize("entry", ALL_ENTRIES)
+def test_empty_inputs(entry, shape, with_positions):
+    x = torch.randn(shape)
+    thd = len(shape) == 3
+    if thd and not with_positions:
+        return  # thd always needs positions; covered by test_thd_without_positions
+    positions = None
+    if with_positions:
+        n = shape[0] if thd else shape[1]
+        positions = torch.arange(n) if thd else torch.arange(n).expand(shape[0], n)
+    before = x.clone()
+    out = call(entry, x, positions=positions)
+    if entry in ("op.apply_", "op.apply_qk_"):
+        assert out is None
+        outs = [x]
+    elif entry in SINGLE:
+        outs = [out]
+    else:
+        outs = list(out)
+    for o in outs:
+        assert o.shape == x.shape and o.dtype == x.dtype and o.numel() == 0
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("entry", ("op.apply", "op.apply_", "apply_rope"))
+def test_empty_table_with_no_tokens(entry):
+    cos, sin = table(rows=0)
+    out = call(entry, torch.randn(0, H, D), cos, sin, torch.zeros(0, dtype=torch.int32))
+    if out is not None:
+        assert out.shape == (0, H, D)
+    out = call(entry, torch.randn(B, 0, H, D), cos, sin)
+    if out is not None:
+        assert out.shape == (B, 0, H, D)
+
+
+@pytest.mark.parametrize("entry", ("op.apply_qk", "op.apply_qk_", "apply_rope_qk",
+                                   "apply_rope_qk[inplace]"))
+def test_k_with_zero_heads(entry):
+    # Grouped-query shapes down to zero k heads: q is rotated, k comes back empty.
+    cos, sin = table()
+    q, k = x4(), torch.randn(B, S, 0, D)
+    expect = reference(q, cos, sin, arange_pos())
+    out = call(entry, q, cos, sin, arange_pos(), k=k)
+    qo, ko = (q, k) if out is None or entry.endswith("[inplace]") else out
+    torch.testing.assert_close(qo, expect)
+    assert ko.shape == (B, S, 0, D)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nan_inf_pass_through(dtype, interleaved):
+    cos, sin = table()
+    x = x4(dtype, (1, S, 2, D))
+    x[0, 0, 0, 1] = float("nan")
+    x[0, 1, 1, 2] = float("inf")
+    x[0, 2, 0, 0] = -float("inf")
+    x[0, 3, 1, 7] = float("nan")
+    expect = reference(x, cos, sin, interleaved=interleaved)
+    out = ops.apply(x, cos, sin, None, interleaved, False)
+    torch.testing.assert_close(out, expect, equal_nan=True)
+    # Only the pairs holding a NaN or Inf are touched: other heads and tokens stay finite.
+    assert torch.isfinite(out[0, 0, 1]).all() and torch.isfinite(out[0, 1, 0]).all()
+    y = x.clone()
+    rope_ext.apply_rope(y, cos, sin, interleaved=interleaved, inplace=True)
+    torch.testing.assert_close(y, expect, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolated: cases that could crash the interpreter run in one child process.
+#
+# Each case returns (act, post): act() is the call under test; post() is checked after it:
+# for a rejected call, that nothing was written; for an accepted one, that the result is right.
+# EXPECT maps the case to (exception name, regex the message must match) or None (must succeed).
+# ---------------------------------------------------------------------------------------------
+
+ISOLATED = {}
+EXPECT = {}
+
+
+def _isolated(name, expect):
+    def register(fn):
+        ISOLATED[name] = fn
+        EXPECT[name] = expect
+        return fn
+    return register
+
+
+OUT_OF_RANGE = [("int64", -1), ("int64", P), ("int64", P + 1), ("int64", 2**31),
+                ("int64", 2**40), ("int64", -2**40), ("int64", 2**63 - 1), ("int64", -2**63),
+                ("int32", -1), ("int32", P), ("int32", 2**31 - 1), ("int32", -2**31)]
+
+
+def _out_of_range_case(entry, dtype_name, value, thd):
+    dtype = getattr(torch, dtype_name)
+
+    def case():
+        cos, sin = table()
+        if thd:
+            x = x4(shape=(B * S, H, D))
+            positions = torch.arange(B * S, dtype=dtype) % P
+            positions[B * S // 2] = value
+        else:
+            x = x4()
+            positions = arange_pos(dtype)
+            positions[1, 2] = value  # one bad value in the middle
+        k = x.clone() + 1
+        before, k_before = x.clone(), k.clone()
+
+        def act():
+            call(entry, x, cos, sin, positions, k=k)
+
+        def post():
+            return torch.equal(x, before) and torch.equal(k, k_before)
+        return act, post
+    return case
+
+
+for _entry in ALL_ENTRIES:
+    for _dt, _v in OUT_OF_RANGE:
+        for _thd in (False, True):
+            if _thd and _v not in (-1, P, 2**40, -2**31):
+                continue
+            _name = f"positions_out_of_range[{_entry}-{_dt}-{_v}{'-thd' if _thd else ''}]"
+            ISOLATED[_name] = _out_of_range_case(_entry, _dt, _v, _thd)
+            EXPECT[_name] = ("ValueError", word("positions"))
+
+
+@_isolated("positions_out_of_range_1s[op.apply]", ("ValueError", word("positions")))
+def _case_pos_1s():
+    cos, sin = table()
+    positions = torch.arange(S)[None].clone()
+    positions[0, -1] = P
+
+    def act():
+        ops.apply(x4(), cos, sin, positions)
+    return act, lambda: True
+
+
+@_isolated("positions_out_of_range_message_advice", ("ValueError", word("positions")))
+def _case_pos_message():
+    # The advice in the message ("build a longer table with max_positions=N") must not be a
+    # nonsense negative number when the position is the largest int64.
+    cos, sin = table()
+    positions = torch.full((S,), 2**63 - 1)
+
+    def act():
+        try:
+            ops.apply(x4(), cos, sin, positions)
+        except ValueError as e:
+            assert not re.search(r"max_positions=-", str(e)), str(e)
+            raise
+    return act, lambda: True
+
+
+@_isolated("positions_bad_value_outside_the_view", None)
+def _case_pos_view():
+    # A bad value in memory that the positions view skips must not be read or rejected.
+    cos, sin = table()
+    full = torch.arange(2 * S).expand(B, 2 * S).contiguous() % P
+    full[:, 1::2] = 10**12
+    positions = full[:, ::2]
+    x = x4()
+
+    def act():
+        act.out = ops.apply(x, cos, sin, positions)
+
+    def post():
+        return torch.allclose(act.out, reference(x, cos, sin, positions.contiguous()))
+    return act, post
+
+
+@_isolated("positions_zero_stride", None)
+def _case_pos_zero_stride():
+    cos, sin = table()
+    positions = (torch.arange(S) + 3)[None].expand(B, S)
+    x = x4()
+
+    def act():
+        act.out = ops.apply(x, cos, sin, positions)
+
+    def post():
+        return torch.allclose(act.out, reference(x, cos, sin, positions.contiguous()))
+    return act, post
+
+
+@_isolated("positions_out_of_range_module_forward_past_max", ("ValueError", word("positions")))
+def _case_module_pos():
+    rope = rope_ext.RotaryEmbedding(D, max_positions=P)
+    q, k = x4(), x4()
+    positions = torch.full((B, S), P + 100)
+
+    def act():
+        rope(q, k, positions)
+    return act, lambda: True
+
+
+def _expanded():
+    return torch.randn(1, S, 1, D).expand(B, S, H, D)
+
+
+def _inplace_overlap(fn, name):
+    def case():
+        cos, sin = table()
+        x = _expanded()
+        base = x.clone()
+        other = x4()
+        other_before = other.clone()
+
+        def act():
+            fn(x, other, cos, sin)
+
+        def post():
+            return torch.equal(x, base) and torch.equal(other, other_before)
+        return act, post
+    return case
+
+
+for _name, _fn, _arg in [
+    ("op.apply_", lambda x, o, c, s: ops.apply_(x, c, s), "x"),
+    ("op.apply_[positions]", lambda x, o, c, s: ops.apply_(x, c, s, arange_pos()), "x"),
+    ("apply_rope[inplace]", lambda x, o, c, s: rope_ext.apply_rope(x, c, s, inplace=True), "x"),
+    ("apply_rope[inplace,bhsd]",
+     lambda x, o, c, s: rope_ext.apply_rope(x.transpose(1, 2), c, s, layout="bhsd",
+                                            inplace=True), "x"),
+    ("op.apply_qk_[q]", lambda x, o, c, s: ops.apply_qk_(x, o, c, s), "q"),
+    ("op.apply_qk_[k]", lambda x, o, c, s: ops.apply_qk_(o, x, c, s), "k"),
+    ("apply_rope_qk[inplace,q]",
+     lambda x, o, c, s: rope_ext.apply_rope_qk(x, o, c, s, inplace=True), "q"),
+    ("apply_rope_qk[inplace,k]",
+     lambda x, o, c, s: rope_ext.apply_rope_qk(o, x, c, s, inplace=True), "k"),
+]:
+    _n = f"inplace_zero_stride[{_name}]"
+    ISOLATED[_n] = _inplace_overlap(_fn, _arg)
+    EXPECT[_n] = ("ValueError", word(_arg))
+
+
+@_isolated("inplace_overlapping_strides[op.apply_]", ("ValueError", word("x")))
+def _case_as_strided():
+    # Overlap without a zero stride: each token's vector starts 4 elements after the last one.
+    cos, sin = table()
+    buf = torch.randn(64)
+    x = buf.as_strided((1, S, 1, D), (64, 4, D, 1))
+    before = buf.clone()
+
+    def act():
+        ops.apply_(x, cos, sin)
+    return act, lambda: torch.equal(buf, before)
+
+
+@_isolated("inplace_q_is_k[op.apply_qk_]", ("ValueError", r"\bq\b.*\bk\b|\bk\b.*\bq\b"))
+def _case_q_is_k():
+    cos, sin = table()
+    q = x4()
+    before = q.clone()
+
+    def act():
+        ops.apply_qk_(q, q, cos, sin)
+    return act, lambda: torch.equal(q, before)
+
+
+@_isolated("inplace_q_is_k[apply_rope_qk]", ("ValueError", r"\bq\b.*\bk\b|\bk\b.*\bq\b"))
+def _case_q_is_k_wrapper():
+    cos, sin = table()
+    q = x4()
+    before = q.clone()
+
+    def act():
+        rope_ext.apply_rope_qk(q, q, cos, sin, arange_pos(), inplace=True)
+    return act, lambda: torch.equal(q, before)
+
+
+@_isolated("inplace_q_k_partial_overlap[op.apply_qk_]",
+           ("ValueError", r"\bq\b.*\bk\b|\bk\b.*\bq\b"))
+def _case_q_k_overlap():
+    cos, sin = table()
+    buf = torch.randn(B, S, H + 1, D)
+    q, k = buf[:, :, :H], buf[:, :, 1:]
+    before = buf.clone()
+
+    def act():
+        ops.apply_qk_(q, k, cos, sin)
+    return act, lambda: torch.equal(buf, before)
+
+
+@_isolated("inplace_fused_qkv_disjoint[op.apply_qk_]", None)
+def _case_fused_qkv():
+    # q and k sliced out of one fused qkv projection share storage but no element: a legitimate
+    # in-place call that must not be refused, and must rotate each exactly once.
+    cos, sin = table()
+    qkv = torch.randn(B, S, 3 * H * D)
+    q = qkv[..., :H * D].unflatten(-1, (H, D))
+    k = qkv[..., H * D:2 * H * D].unflatten(-1, (H, D))
+    v_before = qkv[..., 2 * H * D:].clone()
+    eq, ek = reference(q, cos, sin), reference(k, cos, sin)
+
+    def act():
+        ops.apply_qk_(q, k, cos, sin)
+
+    def post():
+        return (torch.allclose(q, eq) and torch.allclose(k, ek)
+                and torch.equal(qkv[..., 2 * H * D:], v_before))
+    return act, post
+
+
+@_isolated("inplace_fused_qkv_disjoint[apply_rope_qk,bhsd]", None)
+def _case_fused_qkv_bhsd():
+    cos, sin = table()
+    qkv = torch.randn(B, 3 * H, S, D)
+    q, k = qkv[:, :H], qkv[:, H:2 * H]
+    eq = reference(q.transpose(1, 2), cos, sin).transpose(1, 2)
+    ek = reference(k.transpose(1, 2), cos, sin).transpose(1, 2)
+
+    def act():
+        rope_ext.apply_rope_qk(q, k, cos, sin, layout="bhsd", inplace=True)
+
+    def post():
+        return torch.allclose(q, eq) and torch.allclose(k, ek)
+    return act, post
+
+
+@_isolated("functional_zero_stride_x", None)
+def _case_functional_expand():
+    cos, sin = table()
+    x = _expanded()
+
+    def act():
+        act.out = ops.apply(x, cos, sin, arange_pos())
+        act.qk = ops.apply_qk(x, x, cos, sin, arange_pos())
+
+    def post():
+        e = reference(x.contiguous(), cos, sin, arange_pos())
+        return (torch.allclose(act.out, e) and torch.allclose(act.qk[0], e)
+                and torch.allclose(act.qk[1], e))
+    return act, post
+
+
+@_isolated("functional_zero_stride_table", None)
+def _case_functional_table_expand():
+    cos0, sin0 = table()
+    cos, sin = cos0[3:4].expand(P, HALF), sin0[3:4].expand(P, HALF)
+    x = x4()
+
+    def act():
+        act.out = ops.apply(x, cos, sin, arange_pos())
+        act.tok = ops.apply(x, cos0[3].expand(B, S, HALF), sin0[3].expand(B, S, HALF))
+
+    def post():
+        e = reference(x, cos.contiguous(), sin.contiguous(), arange_pos())
+        return torch.allclose(act.out, e) and torch.allclose(act.tok, e)
+    return act, post
+
+
+@_isolated("backward_zero_stride_grad", None)
+def _case_backward_sum():
+    # The gradient of .sum() is an expanded (all-zero-stride) tensor fed to the op.
+    cos, sin = table()
+    x = x4().requires_grad_()
+
+    def act():
+        ops.apply(x, cos, sin, arange_pos()).sum().backward()
+
+    def post():
+        e = reference_inverse(torch.ones(B, S, H, D), cos, sin, arange_pos())
+        return torch.allclose(x.grad, e)
+    return act, post
+
+
+def reference_inverse(x, cos, sin, positions=None):
+    return reference(x, cos, -sin, positions)
+
+
+def _run_isolated_cases():
+    """Entry point of the child interpreter: one JSON line per case, flushed at once."""
+    torch.manual_seed(0)
+    for name, case in ISOLATED.items():
+        rec = {"case": name, "exc": None, "msg": None, "post": None}
+        try:
+            act, post = case()
+            try:
+                act()
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                rec["exc"], rec["msg"] = type(e).__name__, str(e)
+            rec["post"] = bool(post())
+        except Exception as e:  # noqa: BLE001
+            rec["exc"], rec["msg"] = "SETUP:" + type(e).__name__, str(e)
+        print(json.dumps(rec), flush=True)
+    print(json.dumps({"case": "__done__"}), flush=True)
+
+
+_CHILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_rope_test_errors_child", {path!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+mod._run_isolated_cases()
+"""
+
+
+@pytest.fixture(scope="module")
+def isolated():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = _CHILD.format(path=str(Path(__file__).resolve()))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=env,
+                              capture_output=True, text=True, timeout=300)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:  # a hang: report what finished before it
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, err = "timeout", "timed out after 300 s"
+    results = {}
+    for line in out.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        results[rec["case"]] = rec
+    return rc, results, err
+
+
+def test_isolated_child_exits_cleanly(isolated):
+    rc, results, err = isolated
+    assert rc == 0 and "__done__" in results, f"child exit {rc}; stderr tail:\n{err[-3000:]}"
+
+
+@pytest.mark.parametrize("name", list(ISOLATED))
+def test_isolated(isolated, name):
+    rc, results, err = isolated
+    rec = results.get(name)
+    assert rec is not None, (f"the child interpreter died before reporting this case "
+                             f"(exit {rc}); stderr tail:\n{err[-3000:]}")
+    assert not (rec["exc"] or "").startswith("SETUP:"), rec
+    expect = EXPECT[name]
+    if expect is None:
+        assert rec["exc"] is None, f"raised {rec['exc']}: {rec['msg']}"
+        assert rec["post"], "accepted, but the result is wrong"
+    else:
+        exc, pattern = expect
+        assert rec["exc"] == exc, f"expected {exc}, got {rec['exc']}: {rec['msg']}"
+        assert re.search(pattern, rec["msg"]), rec["msg"]
+        assert rec["post"], "rejected, but memory was written before the rejection"
