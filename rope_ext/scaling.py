@@ -49,7 +49,7 @@ def _optional(cfg: dict, key: str, rope_type: str, positive=True) -> Optional[fl
 
 
 def _factor_or_ratio(cfg: dict, rope_type: str) -> Optional[float]:
-    """``factor``, or, when it is absent, ``max_position_embeddings / original_max_position_embeddings``.
+    """``factor``, or when absent ``max_position_embeddings / original_max_position_embeddings``.
 
     transformers falls back to the ratio of the config's two lengths; our dict carries no
     config, so the longer length may be given as the extra key "max_position_embeddings".
@@ -158,12 +158,12 @@ def _yarn(r: int, base: float, cfg: dict) -> Tuple[torch.Tensor, float]:
 
 
 def _longrope_attention_factor(cfg: dict) -> float:
-    """``attention_factor``, else ``sqrt(1 + ln f / ln L0)`` (1 for f <= 1), f as in transformers."""
+    """``attention_factor``, else ``sqrt(1 + ln f / ln L0)`` (1 for f <= 1); f as for yarn."""
+    factor = _factor_or_ratio(cfg, "longrope")
+    orig = _number(cfg, "original_max_position_embeddings", "longrope")
     attention_factor = _optional(cfg, "attention_factor", "longrope")
     if attention_factor is not None:
         return attention_factor
-    factor = _factor_or_ratio(cfg, "longrope")
-    orig = _number(cfg, "original_max_position_embeddings", "longrope")
     # transformers always has config.max_position_embeddings for the ratio; a dict with
     # neither it nor factor says nothing about extension: f = 1.
     if factor is None or factor <= 1:

@@ -1,0 +1,148 @@
+"""CPU benchmark: rope_ext against what users run today, ratios measured in one run.
+
+    python benchmarks/bench_cpu.py            # the full table and the plot (about 10 minutes)
+    python benchmarks/bench_cpu.py --quick    # the short table of `make demo`
+
+Each cell is the median of repeated runs after warm-up (compilation excluded).
+Columns after rope_ext are speed-ups: that implementation's time over rope_ext's
+(higher is better for rope_ext); "copy" is rope_ext's time over a plain copy of the
+same bytes into fresh tensors (the memory-bandwidth floor; 1.0 would be ideal).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from baselines import IMPLEMENTATIONS, Case  # noqa: E402
+from common import median_time  # noqa: E402
+
+MODELS = {
+    # name: (q heads, k heads, head_dim, rotary_dim, rope_theta)
+    "Llama-3-8B": (32, 8, 128, 128, 500000.0),
+    "Llama-2-7B": (32, 32, 128, 128, 10000.0),
+    "NeoX-partial": (32, 32, 128, 32, 10000.0),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PREFILL = (512, 1024, 2048, 4096, 8192)
+DECODE_BATCH, DECODE_POS = 32, 4096
+
+
+def make_case(model, dtype, seq, batch=1, start=0):
+    hq, hk, d, r, base = MODELS[model]
+    return Case(batch=batch, seq=seq, q_heads=hq, k_heads=hk, head_dim=d, rotary_dim=r,
+                dtype=dtype, start=start, base=base)
+
+
+def time_impl(build, case, backward, repeats):
+    run = build(case)
+    if run is None:
+        return None
+    q, k = case.inputs(requires_grad=backward)
+    if not backward:
+        with torch.no_grad():
+            return median_time(lambda: run(q, k), repeats=repeats)
+    g = case.inputs(seed=1)
+
+    def step():
+        qo, ko = run(q, k)
+        torch.autograd.backward([qo, ko], list(g))
+        q.grad = k.grad = None
+
+    return median_time(step, repeats=repeats)
+
+
+def bench_row(case, impls, backward, repeats):
+    times = {name: time_impl(IMPLEMENTATIONS[name], case, backward, repeats) for name in impls}
+    torch._dynamo.reset()  # keep compiled graphs of earlier shapes from piling up
+    return times
+
+
+def format_row(label, case, times, impls):
+    ours = times["rope_ext"]
+    cells = [f"{label:<34}", f"{ours * 1e3:9.3f}", f"{case.bytes_moved() / ours / 1e9:6.1f}"]
+    for name in impls[1:]:
+        t = times[name]
+        if t is None:
+            cells.append(f"{'n/a':>10}")
+        elif name == "copy":
+            cells.append(f"{ours / t:9.2f}x")
+        else:
+            cells.append(f"{t / ours:9.2f}x")
+    return " ".join(cells)
+
+
+def header(impls):
+    cols = [f"{'case':<34}", f"{'ms':>9}", f"{'GB/s':>6}"]
+    cols += [f"{(name if name != 'copy' else 'vs copy'):>10}" for name in impls[1:]]
+    return " ".join(cols)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in results.items():
+        pts = [(s, b / t / 1e9) for s, b, t in points if t is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (prefill, batch 1)")
+    ax.set_ylabel("effective GB/s (q and k read + written)")
+    ax.set_title(f"RoPE forward, Llama-3-8B q/k, bf16, CPU ({torch.get_num_threads()} threads)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short table of make demo")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
+                                                        "cpu_throughput.png"))
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.quick:
+        impls = ["rope_ext", "HF eager", "HF compile", "copy"]
+        plan = [("Llama-3-8B", "bf16", s, False) for s in (1024, 4096)]
+        plan += [("Llama-3-8B", "bf16", "decode", False), ("Llama-3-8B", "bf16", 4096, True)]
+        repeats = args.repeats or 9
+    else:
+        impls = list(IMPLEMENTATIONS)
+        plan = [(m, d, s, bwd) for bwd in (False, True) for m in MODELS for d in DTYPES
+                for s in PREFILL + ("decode",)]
+        repeats = args.repeats or 15
+
+    print(header(impls))
+    curve = {name: [] for name in impls}
+    for i, (model, dname, seq, backward) in enumerate(plan):
+        if seq == "decode":
+            case = make_case(model, DTYPES[dname], 1, batch=DECODE_BATCH, start=DECODE_POS)
+            shape = f"decode b={DECODE_BATCH}"
+        else:
+            case = make_case(model, DTYPES[dname], seq)
+            shape = f"s={seq}"
+        label = f"{model} {dname} {shape} {'fwd+bwd' if backward else 'fwd'}"
+        print(f"  [{i + 1}/{len(plan)}] {label} ...", end="\r", file=sys.stderr, flush=True)
+        times = bench_row(case, impls, backward, repeats)
+        print(format_row(label, case, times, impls), flush=True)
+        if model == "Llama-3-8B" and dname == "bf16" and seq != "decode" and not backward:
+            for name in impls:
+                curve[name].append((seq, case.bytes_moved(), times[name]))
+    if not args.quick:
+        plot(curve, args.plot)
+
+
+if __name__ == "__main__":
+    main()
