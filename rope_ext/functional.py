@@ -1,10 +1,11 @@
 """The functional API: rotate q and/or k given a cos/sin table."""
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from rope_ext._ops import ops
+from rope_ext.mrope import mrope_cos_sin
 
 LAYOUTS = ("bshd", "bhsd", "thd")
 
@@ -37,6 +38,8 @@ def apply_rope(
     interleaved: bool = False,
     layout: str = "bshd",
     inplace: bool = False,
+    mrope_section: Optional[Sequence[int]] = None,
+    mrope_interleaved: bool = False,
 ) -> torch.Tensor:
     """Rotate x by the angles whose cosines and sines are `cos` and `sin`.
 
@@ -54,11 +57,17 @@ def apply_rope(
             True pairs ``(x[2i], x[2i+1])`` (GPT-J, Meta's original Llama).
         layout: "bshd", "bhsd" or "thd".
         inplace: rotate x in place and return it (no output allocation; not differentiable).
+        mrope_section: multimodal RoPE (Qwen2-VL): ``[t, h, w]`` pair counts adding up to r/2;
+            positions are then ``[3, batch, seq]`` and cos/sin one ``[P, r/2]`` table.
+        mrope_interleaved: Qwen3-VL's T H W T H W ... assignment instead of Qwen2-VL's chunks.
 
     Returns:
         The rotated tensor, x's dtype, shape and device. Math is float32 (float64 for float64 x).
     """
     xv = _op_view(x, layout, "x")
+    if mrope_section is not None:
+        cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
+        positions = None
     if inplace:
         ops.apply_(xv, cos, sin, positions, interleaved, False)
         return x
@@ -75,6 +84,8 @@ def apply_rope_qk(
     interleaved: bool = False,
     layout: str = "bshd",
     inplace: bool = False,
+    mrope_section: Optional[Sequence[int]] = None,
+    mrope_interleaved: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k together, in one kernel pass; see :func:`apply_rope` for the arguments.
 
@@ -83,6 +94,9 @@ def apply_rope_qk(
     """
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
+    if mrope_section is not None:
+        cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
+        positions = None
     if inplace:
         ops.apply_qk_(qv, kv, cos, sin, positions, interleaved, False)
         return q, k

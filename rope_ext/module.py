@@ -1,11 +1,13 @@
 """RotaryEmbedding: the table and the op behind one nn.Module."""
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from rope_ext import hf_config
 from rope_ext.functional import LAYOUTS, apply_rope_qk
+from rope_ext.scaling import dynamic_inv_freq, longrope_inv_freq, rope_type_of
 from rope_ext.tables import cos_sin_table, rope_frequencies
 
 
@@ -19,18 +21,28 @@ class RotaryEmbedding(nn.Module):
         head_dim: d, the size of each head.
         rotary_dim: r <= head_dim, even; defaults to head_dim. The last d - r dims pass through.
         base: rope_theta.
-        max_positions: rows of the table; positions must stay below it.
+        max_positions: rows of the table; positions must stay below it (transformers'
+            max_position_embeddings).
         scaling: a Hugging Face style rope-scaling dict or None (see :func:`rope_frequencies`).
         interleaved: pair adjacent dims (GPT-J) instead of halves (Llama).
         layout: "bshd", "bhsd" or "thd" for q and k.
+        mrope_section: multimodal RoPE ``[t, h, w]`` (Qwen2-VL); positions are then
+            ``[3, batch, seq]``. mrope_interleaved selects Qwen3-VL's assignment.
 
     The table stays float32 under ``.to(torch.bfloat16)`` / ``.half()``: a table
     rounded to bf16 would put every angle off by up to ``m * theta * 2**-8``.
+
+    Two rope_types follow the sequence as transformers does, from ``max(positions) + 1``
+    (a device sync on a GPU, and a graph break under torch.compile, as in transformers):
+    "dynamic" grows the base for sequences beyond the longest seen so far and returns
+    to the original table for sequences below max_positions; "longrope" uses the long
+    factors above original_max_position_embeddings and the short ones below.
     """
 
     def __init__(self, head_dim: int, *, rotary_dim: Optional[int] = None, base: float = 10000.0,
                  max_positions: int = 4096, scaling: Optional[dict] = None,
-                 interleaved: bool = False, layout: str = "bshd"):
+                 interleaved: bool = False, layout: str = "bshd",
+                 mrope_section: Optional[Sequence[int]] = None, mrope_interleaved: bool = False):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
             raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
@@ -42,39 +54,96 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary_dim ({rotary_dim}) must not exceed head_dim ({head_dim})")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int):
+            raise TypeError(f"max_positions must be an int, got {type(max_positions).__name__}")
+        if max_positions <= 0:
+            raise ValueError(f"max_positions must be positive, got {max_positions}")
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
-        self.base = base
+        self.base = float(base)
         self.max_positions = max_positions
         self.scaling = scaling
+        self.rope_type = rope_type_of(scaling)
         self.interleaved = interleaved
         self.layout = layout
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
+        self.mrope_interleaved = mrope_interleaved
         self.attention_factor = attention_factor
-        # float64, CPU, not a buffer: .half() must not round it.
+        # float64 and on the CPU, not buffers: .half() must not round them.
+        self.original_inv_freq = inv_freq
         self.inv_freq = inv_freq
+        # The sequence length the current table was made for (dynamic NTK's "cached" length).
+        self.table_seq_len = max_positions
         cos, sin = cos_sin_table(inv_freq, max_positions, attention_factor)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def from_hf_config(cls, config, *, layout: str = "bshd",
+                       layer_type: str = "full_attention") -> "RotaryEmbedding":
+        """The rotary embedding of a transformers model, from its config.
+
+        Args:
+            config: a transformers ``PretrainedConfig`` or a plain dict of its fields
+                (Llama 2/3/3.1, Mistral, Qwen2, Qwen2-VL, Phi-3, GPT-NeoX, GPT-J, Gemma, ...).
+            layout: layout of the q and k the module will get.
+            layer_type: for configs with one rope dict per layer type (Gemma 2/3).
+
+        Reads head_dim, partial rotary (``partial_rotary_factor``, GPT-NeoX ``rotary_pct``,
+        GPT-J ``rotary_dim``), rope_theta, the scaling dict (``rope_parameters`` or the
+        legacy ``rope_scaling``), max_position_embeddings and MRoPE's mrope_section.
+        """
+        kw = hf_config.rotary_kwargs(config, layer_type)
+        return cls(layout=layout, **kw)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.cos.dtype != torch.float32:
             # A dtype cast reached the table: rebuild it exactly, in float32, wherever it now lives.
-            self.cos, self.sin = cos_sin_table(self.inv_freq, self.max_positions,
-                                               self.attention_factor, device=self.cos.device)
+            self._set_table(self.inv_freq, self.cos.shape[0], self.cos.device)
         return self
+
+    def _set_table(self, inv_freq: torch.Tensor, rows: int, device) -> None:
+        self.inv_freq = inv_freq
+        self.cos, self.sin = cos_sin_table(inv_freq, rows, self.attention_factor, device=device)
+
+    def _follow_sequence(self, seq_len: int) -> None:
+        """transformers' dynamic_rope_update: pick the table for a sequence of seq_len positions."""
+        device = self.cos.device
+        if self.rope_type == "dynamic":
+            if seq_len > self.table_seq_len:  # grow
+                factor = self.scaling["factor"]
+                inv = dynamic_inv_freq(self.rotary_dim, self.base, factor, self.max_positions,
+                                       seq_len)
+                self._set_table(inv, max(seq_len, self.max_positions), device)
+                self.table_seq_len = seq_len
+            elif seq_len < self.max_positions < self.table_seq_len:  # reset
+                self._set_table(self.original_inv_freq, self.max_positions, device)
+                self.table_seq_len = self.max_positions
+        elif self.rope_type == "longrope":
+            original = self.scaling["original_max_position_embeddings"]
+            long = seq_len > original
+            if long != (self.inv_freq is not self.original_inv_freq):
+                inv = (longrope_inv_freq(self.rotary_dim, self.base, self.scaling, long=True)
+                       if long else self.original_inv_freq)
+                self._set_table(inv, self.max_positions, device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor,
                 positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k (layout as given at construction); positions as in :func:`apply_rope`."""
-        if positions is None and q.dim() == 4 and self.layout != "thd":
+        seq = None
+        if q.dim() == 4 and self.layout != "thd":
             seq = q.shape[2 if self.layout == "bhsd" else 1]
-            if seq > self.max_positions:
-                raise ValueError(f"sequence length {seq} exceeds max_positions="
-                                 f"{self.max_positions} of this RotaryEmbedding; construct it with "
-                                 f"a larger max_positions")
+        if self.rope_type in ("dynamic", "longrope"):
+            needed = int(positions.max()) + 1 if positions is not None and positions.numel() else seq
+            if needed is not None:
+                self._follow_sequence(needed)
+        if positions is None and seq is not None and seq > self.cos.shape[0]:
+            raise ValueError(f"sequence length {seq} exceeds max_positions={self.max_positions} "
+                             f"of this RotaryEmbedding; construct it with a larger max_positions")
         return apply_rope_qk(q, k, self.cos, self.sin, positions, interleaved=self.interleaved,
-                             layout=self.layout)
+                             layout=self.layout, mrope_section=self.mrope_section,
+                             mrope_interleaved=self.mrope_interleaved)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "

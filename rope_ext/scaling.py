@@ -240,7 +240,7 @@ def frequencies(r: int, base: float, scaling: Optional[dict]) -> Tuple[torch.Ten
     return _TYPES[rope_type](r, base, scaling or {})
 
 
-def _check_dim_base(rotary_dim, base) -> None:
+def check_dim_base(rotary_dim, base) -> None:
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
     if rotary_dim <= 0 or rotary_dim % 2:
@@ -267,7 +267,7 @@ def dynamic_inv_freq(rotary_dim: int, base: float, factor: float, max_position_e
     ``L = max_position_embeddings`` and ``s = max(seq_len, L)``, so sequences up to L get
     the default frequencies. transformers passes ``max(position_ids) + 1`` as seq_len.
     """
-    _check_dim_base(rotary_dim, base)
+    check_dim_base(rotary_dim, base)
     if rotary_dim < 4:
         raise ValueError(f"rotary_dim must be at least 4 for dynamic NTK (base' is raised to "
                          f"r / (r - 2)), got {rotary_dim}")
@@ -290,7 +290,7 @@ def longrope_inv_freq(rotary_dim: int, base: float, cfg: dict, long: bool) -> to
     ``cfg["original_max_position_embeddings"]``. The attention factor does not change:
     take it from :func:`rope_ext.rope_frequencies`.
     """
-    _check_dim_base(rotary_dim, base)
+    check_dim_base(rotary_dim, base)
     if rope_type_of(cfg) != "longrope":
         raise ValueError(f"scaling must have rope_type 'longrope', got {rope_type_of(cfg)!r}")
     return _longrope_freq(rotary_dim, float(base), cfg, bool(long))

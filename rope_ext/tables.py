@@ -8,14 +8,6 @@ import torch
 from rope_ext import scaling as _scaling
 
 
-def _check_rotary_dim(rotary_dim) -> int:
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
-        raise TypeError(f"rotary_dim must be an int, got {type(rotary_dim).__name__}")
-    if rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
-    return rotary_dim
-
-
 def rope_frequencies(rotary_dim: int, base: float = 10000.0,
                      scaling: Optional[dict] = None) -> Tuple[torch.Tensor, float]:
     """Inverse frequencies ``theta_i = base ** (-2i / rotary_dim)`` and the attention factor.
@@ -31,12 +23,8 @@ def rope_frequencies(rotary_dim: int, base: float = 10000.0,
         (transformers' float32 vector is this one rounded); attention_factor is a float
         that :func:`cos_sin_table` folds into the table.
     """
-    r = _check_rotary_dim(rotary_dim)
-    if isinstance(base, bool) or not isinstance(base, (int, float)):
-        raise TypeError(f"base must be a number, got {type(base).__name__}")
-    if not math.isfinite(base) or base <= 1.0:
-        raise ValueError(f"base must be a finite number greater than 1, got {base!r}")
-    return _scaling.frequencies(r, float(base), scaling)
+    _scaling.check_dim_base(rotary_dim, base)
+    return _scaling.frequencies(rotary_dim, float(base), scaling)
 
 
 def cos_sin_table(inv_freq: torch.Tensor, max_positions: int, attention_factor: float = 1.0, *,

@@ -16,12 +16,11 @@ import math
 
 import pytest
 import torch
+import transformers  # only the tests use it: rope_ext never imports it
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import rope_ext
 from rope_ext.scaling import default_inv_freq, dynamic_inv_freq, longrope_inv_freq
-
-import transformers  # only the tests use it: rope_ext never imports it
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 transformers.logging.set_verbosity_error()  # validation warnings about our unusual test keys
 
