@@ -19,13 +19,18 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 # `which nvcc` may be a wrapper script outside the toolkit; point at the toolkit.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc))))
 
-.PHONY: demo test build bench cuda-build clean help
+# The CPU kernel under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
+# build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python.
+SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py
+
+.PHONY: demo test build bench cuda-build sanitize clean help
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
 	@echo "make test   the test suite"
 	@echo "make bench  the full CPU benchmark"
 	@echo "make cuda-build  compile the CUDA kernel with nvcc (no GPU needed)"
+	@echo "make sanitize    the CPU tests against an ASan + UBSan build"
 	@echo "make clean  remove build outputs (keeps the venv)"
 
 $(VENV)/.deps:
@@ -64,6 +69,15 @@ cuda-build: $(VENV_CUDA)/.deps
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" ROPE_EXT_CUDA=1 \
 	  $(VENV_CUDA)/bin/python setup.py -q build_ext -b build/cuda -t build/cuda/tmp
 	cd build/cuda && ../../$(VENV_CUDA)/bin/python ../../.ci/check_cuda_build.py
+
+sanitize: $(VENV)/.deps
+	@echo "==> building rope_ext with -fsanitize=address,undefined"
+	ROPE_EXT_CUDA=0 ROPE_EXT_SANITIZE=address,undefined $(PY) setup.py -q build_ext -b build/sanitize -t build/sanitize/tmp
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	ROPE_EXT_LIBRARY="$$(ls $(CURDIR)/build/sanitize/rope_ext/_C*.so)" \
+	  $(PY) -m pytest -q -x -p no:cacheprovider $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build rope_ext/*.so rope_ext.egg-info $(VENV)/.built

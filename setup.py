@@ -81,13 +81,14 @@ def extension():
     cuda = want_cuda()
     debug = os.environ.get("ROPE_EXT_DEBUG") == "1"
     sanitize = os.environ.get("ROPE_EXT_SANITIZE")
-    opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
+    opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
     # -fopenmp: at::parallel_for is serial without it.
     # No -std: cpp_extension picks the standard the installed torch needs (C++20 from 2.14).
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if sanitize:
-        cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        # Fatal on the first finding, so a test run cannot pass over one.
+        cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
     kwargs = dict(
         name="rope_ext._C",

@@ -103,16 +103,17 @@ def plot(results, path):
     print(f"plot written to {path}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the short table of make demo")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
                                                         "cpu_throughput.png"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if not args.quick:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if args.quick:
         impls = ["rope_ext", "HF eager", "HF compile", "copy"]
         plan = [("Llama-3-8B", "bf16", s, False) for s in (1024, 4096)]

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: timing, the baselines users run today, shapes."""
+"""Shared pieces of the benchmarks: timing and shapes."""
 
 import statistics
 import time
@@ -16,20 +16,6 @@ def median_time(fn, *, warmup=3, repeats=15, min_time=0.0):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def hf_apply_rotary_pos_emb():
-    """transformers' own Llama apply_rotary_pos_emb (eager PyTorch)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    return apply_rotary_pos_emb
-
-
-def hf_cos_sin(cos_half, sin_half, dtype):
-    """Our [S, r/2] table in transformers' format: [1, S, r], halves duplicated, x's dtype."""
-    cos = torch.cat([cos_half, cos_half], dim=-1)[None].to(dtype)
-    sin = torch.cat([sin_half, sin_half], dim=-1)[None].to(dtype)
-    return cos, sin
 
 
 def llama3_8b_qk(seq, batch=1, dtype=torch.bfloat16, seed=0):

@@ -6,11 +6,19 @@ torch.library's Python registration is the supported way to make a custom op
 traceable: one definition serves eager, compile and export.
 """
 
+import os
+
 import torch
 
+# ROPE_EXT_LIBRARY points at another build of the library (a sanitizer build, say)
+# to load instead of the installed one; loading it registers the ops.
+_library = os.environ.get("ROPE_EXT_LIBRARY")
 try:
-    from rope_ext import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as e:  # pragma: no cover - only on a broken install
+    if _library:
+        torch.ops.load_library(_library)
+    else:
+        from rope_ext import _C  # noqa: F401
+except (ImportError, OSError) as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         f"rope_ext's compiled library could not be loaded with torch {torch.__version__}: {e}. "
         "It is tied to the torch it was built against; rebuild it against this one with "

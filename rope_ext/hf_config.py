@@ -9,10 +9,28 @@ GPT-J have names of their own. transformers is never imported here.
 
 
 
+# GPT-2-style names (GPT-J's config.json): config objects translate them through their
+# attribute_map, plain dicts do not.
+_ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head",
+            "max_position_embeddings": "n_positions"}
+
+
 def _getter(config):
     if isinstance(config, dict):
-        return lambda name, default=None: config.get(name, default)
+        def get(name, default=None):
+            value = config.get(name)
+            if value is None and name in _ALIASES:
+                value = config.get(_ALIASES[name])
+            return default if value is None else value
+        return get
     return lambda name, default=None: getattr(config, name, default)
+
+
+def _text_config(config):
+    """Multimodal configs (Qwen2-VL) keep the language model's fields in text_config."""
+    text = config.get("text_config") if isinstance(config, dict) else getattr(
+        config, "text_config", None)
+    return text if text is not None else config
 
 
 def _rope_dict(get, layer_type):
@@ -42,6 +60,7 @@ def rotary_kwargs(config, layer_type="full_attention"):
     """RotaryEmbedding keyword arguments (all but layout) for a transformers config."""
     if config is None:
         raise TypeError("config must be a transformers PretrainedConfig or a dict, got None")
+    config = _text_config(config)
     get = _getter(config)
     model_type = get("model_type", "") or ""
     params = _rope_dict(get, layer_type)
