@@ -20,7 +20,8 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v nvcc))))
 
 # The CPU kernel under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
-# build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python.
+# build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python (and
+# libstdc++ right after it, or ASan's __cxa_throw interceptor finds nothing to wrap).
 SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py
 
 .PHONY: demo test build bench cuda-build sanitize clean help

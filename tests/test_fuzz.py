@@ -1,0 +1,304 @@
+"""Property-based fuzzing of the op against the float64 reference (tests/reference.py).
+
+Hypothesis draws whole calls: shapes with zero- and one-sized dimensions (batch, seq, heads,
+head_dim), rotary_dim below or equal to head_dim, the three layouts, x held the ways callers
+hold it (contiguous, a head slice of a fused qkv projection, head_dim at a non-unit stride,
+sequence-major storage seen through a transpose, broadcast by expand), the four x dtypes, every
+table form (a [P, r/2] table indexed by int32/int64 positions of every accepted shape and
+stride, or one row per token), tables in float32, float64 or x's dtype and cut out of wider
+buffers, both pairings, inverse, the functional and the in-place entry points.
+
+Every case must match the reference within SPEC.md section 6 (reference.PAIR_TOL, per pair,
+scaled by the pair norm), leave x[..., r:] bit-identical, and the in-place result must be the
+functional result bit for bit, without writing anywhere else in the buffer x lives in.
+
+The example counts are fixed and the search is derandomized, so the file runs the same cases in
+the same time on every run (about 20 s on a 2-core CPU).
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+import rope_ext
+
+ops = torch.ops.rope
+
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+FUZZ = settings(max_examples=350, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ_QK = settings(FUZZ, max_examples=200)
+
+# Rotary half-widths: every small count (vector tails) plus widths around the CPU kernel's
+# block sizes (16 float64 / 32 float32, bf16, fp16 elements) and real models' 32 and 64.
+HALVES = st.one_of(st.integers(0, 20), st.sampled_from([0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33,
+                                                          48, 64]))
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32,
+        torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _randn(shape, dtype, g):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def assert_bit_identical(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
+    ia = a.contiguous().view(BITS[a.dtype])
+    ib = b.contiguous().view(BITS[b.dtype])
+    if not torch.equal(ia, ib):
+        diff = (ia != ib).nonzero()
+        raise AssertionError(f"{what}: {len(diff)} elements differ in their bits, first at "
+                             f"{tuple(diff[0].tolist())}")
+
+
+def user_shape(layout, b, s, h, d):
+    return {"bshd": (b, s, h, d), "bhsd": (b, h, s, d), "thd": (s, h, d)}[layout]
+
+
+def op_view(x, layout):
+    return x.transpose(1, 2) if layout == "bhsd" else x
+
+
+def build_x(storage, layout, b, s, h, d, dtype, g, offset=0):
+    """(x in the caller's layout, the buffer it lives in). `storage`:
+    contiguous; fused (heads [1, 1 + h) of a qkv projection [.., (h + 2) * d] viewed per head,
+    then transposed for bhsd, as Hugging Face does); strided (every other element of a head_dim
+    twice as wide, starting at `offset`); transposed (bshd from seq-major [s, b, h, d], bhsd from
+    a contiguous [b, s, h, d], thd from head-major [h, t, d]); expand (batch and heads broadcast
+    with zero strides: functional op only)."""
+    shape = user_shape(layout, b, s, h, d)
+    lead = (s,) if layout == "thd" else (b, s)
+    if storage == "contiguous":
+        base = _randn(shape, dtype, g)
+        return base, base
+    if storage == "fused":
+        base = _randn(lead + ((h + 2) * d,), dtype, g)
+        x = base.unflatten(-1, (h + 2, d))[..., 1:1 + h, :]
+        return (x.transpose(1, 2) if layout == "bhsd" else x), base
+    if storage == "strided":
+        base = _randn(shape[:-1] + (2 * d,), dtype, g)
+        return base[..., offset::2][..., :d], base
+    if storage == "transposed":
+        if layout == "bshd":
+            base = _randn((s, b, h, d), dtype, g)
+            return base.transpose(0, 1), base
+        if layout == "bhsd":
+            base = _randn((b, s, h, d), dtype, g)
+            return base.transpose(1, 2), base
+        base = _randn((h, s, d), dtype, g)
+        return base.transpose(0, 1), base
+    if storage == "expand":
+        if layout == "thd":
+            base = _randn((s, 1, d), dtype, g)
+        else:
+            one = user_shape(layout, 1, s, 1, d)
+            base = _randn(one, dtype, g)
+        return base.expand(shape), base
+    raise ValueError(storage)
+
+
+def cut_table(c64, s64, dtype, storage):
+    """cos/sin of the given values, rounded to dtype, in one of the memory layouts callers use:
+    contiguous; chunk (the two halves of one [.., r] cos|sin cache: row stride r); pairs
+    (stack([cos, sin], -1)[..., 0 / 1]: last stride 2); wide (every other column of a buffer
+    twice as wide)."""
+    if storage == "contiguous":
+        return c64.to(dtype), s64.to(dtype)
+    half = c64.shape[-1]
+    if storage == "chunk":
+        cs = torch.cat([c64, s64], -1).to(dtype)
+        return cs[..., :half], cs[..., half:]
+    if storage == "pairs":
+        cs = torch.stack([c64, s64], -1).to(dtype)
+        return cs[..., 0], cs[..., 1]
+    if storage == "wide":
+        wc = torch.zeros(c64.shape[:-1] + (2 * half,), dtype=dtype)
+        ws = torch.zeros_like(wc)
+        wc[..., 1::2] = c64.to(dtype)
+        ws[..., 1::2] = s64.to(dtype)
+        return wc[..., 1::2], ws[..., 1::2]
+    raise ValueError(storage)
+
+
+def draw_table(data, layout, b, s, half, x_dtype, g):
+    """(cos, sin, positions) in a table form drawn for the layout; values are a genuine RoPE table
+    (random base and attention factor), positions random within the table."""
+    thd = layout == "thd"
+    forms = ["pos_t", "pos_t_strided"] if thd else [
+        "pos_bs", "pos_1s", "pos_s", "pos_bs_expand", "pos_bs_strided",
+        "rows", "tok_s", "tok_bs", "tok_1s"]
+    form = data.draw(st.sampled_from(forms), label="table form")
+    tdt = data.draw(st.sampled_from(sorted({torch.float32, torch.float64, x_dtype}, key=str)),
+                    label="table dtype")
+    tstorage = data.draw(st.sampled_from(["contiguous", "chunk", "pairs", "wide"]),
+                         label="table storage")
+    pos_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="positions dtype")
+    base = data.draw(st.sampled_from([10000.0, 500000.0, 1e6]), label="rope base")
+    attn = data.draw(st.sampled_from([1.0, 1.0, 1.1902381, 0.75]), label="attention factor")
+    if form.startswith("pos") or form == "rows":
+        rows = data.draw(st.integers(max(s, 1), max(s, 1) + 40), label="table rows")
+    else:
+        rows = data.draw(st.integers(1, 64), label="table rows")
+    c64, s64 = ref.table(ref.inv_freq(2 * half, base), rows, attn)
+    positions = None
+    if form.startswith("pos"):
+        shape = {"pos_t": (s,), "pos_t_strided": (s, 2), "pos_bs": (b, s), "pos_1s": (1, s),
+                 "pos_s": (s,), "pos_bs_expand": (1, s), "pos_bs_strided": (b, s, 2)}[form]
+        positions = torch.randint(0, rows, shape, generator=g)
+        if positions.numel() >= 2:  # the first and the last row of the table are used
+            positions.view(-1)[0], positions.view(-1)[-1] = 0, rows - 1
+        positions = positions.to(pos_dtype)
+        if form.endswith("_strided"):
+            positions = positions[..., 0]
+        if form == "pos_bs_expand":
+            positions = positions.expand(b, s)
+    elif form != "rows":
+        tok = {"tok_s": (s,), "tok_bs": (b, s), "tok_1s": (1, s)}[form]
+        pick = torch.randint(0, rows, tok, generator=g)
+        c64, s64 = c64[pick], s64[pick]
+    cos, sin = cut_table(c64, s64, tdt, tstorage)
+    return cos, sin, positions
+
+
+SIZES = dict(batch=st.integers(0, 3), seq=st.sampled_from([0, 1, 1, 2, 3, 5, 8, 13]),
+             heads=st.integers(0, 4))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_apply(data):
+    draw = data.draw
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    dtype = draw(st.sampled_from(X_DTYPES), label="dtype")
+    layout = draw(st.sampled_from(["bshd", "bhsd", "thd"]), label="layout")
+    b = 1 if layout == "thd" else draw(SIZES["batch"], label="batch")
+    s = draw(SIZES["seq"], label="seq (tokens for thd)")
+    h = draw(SIZES["heads"], label="heads")
+    half = draw(HALVES, label="r/2")
+    d = 2 * half + draw(st.sampled_from([0, 0, 0, 1, 2, 3, 6]), label="head_dim - r")
+    storage = draw(st.sampled_from(["contiguous", "fused", "strided", "transposed", "expand"]),
+                   label="x storage")
+    interleaved = draw(st.booleans(), label="interleaved")
+    entry = draw(st.sampled_from(["apply_rope", "op"]), label="entry")
+    inverse = entry == "op" and draw(st.booleans(), label="inverse")
+
+    x, buf = build_x(storage, layout, b, s, h, d, dtype, g, offset=draw(st.integers(0, 1)))
+    cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
+    xv = op_view(x, layout)  # [b, s, h, d] or [t, h, d], a view of buf
+    x_before = x.clone()
+    buf_before = buf.clone()
+
+    if entry == "apply_rope":
+        out = rope_ext.apply_rope(x, cos, sin, positions, interleaved=interleaved, layout=layout)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        out_v = op_view(out, layout)
+    else:
+        out_v = ops.apply(xv, cos, sin, positions, interleaved, inverse)
+    assert_bit_identical(buf, buf_before, "the functional op changed its input")
+
+    expected = ref.rope(xv, cos, sin, positions, interleaved, inverse)
+    ref.assert_pairs_close(out_v, expected, xv, 2 * half, interleaved)
+
+    # In place on a copy of the same memory layout: bit for bit the functional result, and
+    # nothing written outside x (the rest of the fused buffer, the skipped strided elements).
+    if storage == "expand":
+        if x.numel() > 0 and (b > 1 or h > 1):
+            with pytest.raises(ValueError, match="overlap"):
+                ops.apply_(xv, cos, sin, positions, interleaved, inverse)
+            assert_bit_identical(x, x_before, "a rejected in-place call wrote to x")
+        # A fresh dense copy (x.contiguous() keeps the zero strides of an empty x, see
+        # test_inplace_accepts_empty_broadcast_x).
+        x2 = torch.empty(x.shape, dtype=x.dtype).copy_(x)
+        buf2 = x2
+    else:
+        buf2 = buf_before.clone()
+        x2 = buf2.as_strided(x.shape, x.stride(), x.storage_offset())
+    if entry == "apply_rope":
+        ret = rope_ext.apply_rope(x2, cos, sin, positions, interleaved=interleaved,
+                                  layout=layout, inplace=True)
+        assert ret is x2
+    else:
+        assert ops.apply_(op_view(x2, layout), cos, sin, positions, interleaved, inverse) is None
+    assert_bit_identical(op_view(x2, layout), out_v, "in-place result vs functional result")
+    if storage != "expand":
+        want = buf_before.clone()
+        want.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x2)
+        assert_bit_identical(buf2, want, "the in-place op wrote outside x")
+
+
+@FUZZ_QK
+@given(data=st.data())
+def test_fuzz_apply_qk(data):
+    """q and k cut from one fused qkv projection (grouped-query head counts, possibly different
+    head sizes), rotated together: each matches the reference, matches apply_rope on it alone bit
+    for bit, the in-place call gives the same bits and leaves v alone."""
+    draw = data.draw
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    dtype = draw(st.sampled_from(X_DTYPES), label="dtype")
+    layout = draw(st.sampled_from(["bshd", "bhsd", "thd"]), label="layout")
+    b = 1 if layout == "thd" else draw(SIZES["batch"], label="batch")
+    s = draw(SIZES["seq"], label="seq (tokens for thd)")
+    hk = draw(st.integers(0, 3), label="k heads")
+    hq = hk * draw(st.sampled_from([1, 2, 4]), label="q heads per k head") + draw(
+        st.sampled_from([0, 0, 1]), label="extra q heads")
+    half = draw(HALVES, label="r/2")
+    dq = 2 * half + draw(st.sampled_from([0, 0, 2, 5]), label="q head_dim - r")
+    dk = dq if draw(st.booleans(), label="same head_dim") else 2 * half + draw(
+        st.integers(0, 4), label="k head_dim - r")
+    interleaved = draw(st.booleans(), label="interleaved")
+    inplace = draw(st.booleans(), label="inplace")
+
+    lead = (s,) if layout == "thd" else (b, s)
+    widths = [hq * dq, hk * dk, hk * dk]
+    buf = _randn(lead + (sum(widths),), dtype, g)
+    q, k, v = (t.unflatten(-1, (n, dd)) for t, n, dd in
+               zip(buf.split(widths, -1), (hq, hk, hk), (dq, dk, dk)))
+    if layout == "bhsd":  # HF: proj(x).view(b, s, h, d).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
+    buf_before = buf.clone()
+
+    qo, ko = rope_ext.apply_rope_qk(q, k, cos, sin, positions, interleaved=interleaved,
+                                    layout=layout)
+    assert_bit_identical(buf, buf_before, "the functional op changed its input")
+    for name, x, out in (("q", q, qo), ("k", k, ko)):
+        xv, ov = op_view(x, layout), op_view(out, layout)
+        expected = ref.rope(xv, cos, sin, positions, interleaved)
+        ref.assert_pairs_close(ov, expected, xv, 2 * half, interleaved)
+        alone = rope_ext.apply_rope(x, cos, sin, positions, interleaved=interleaved,
+                                    layout=layout)
+        assert_bit_identical(out, alone, f"apply_rope_qk's {name} vs apply_rope on {name}")
+
+    if inplace:
+        rq, rk = rope_ext.apply_rope_qk(q, k, cos, sin, positions, interleaved=interleaved,
+                                        layout=layout, inplace=True)
+        assert rq is q and rk is k
+        assert_bit_identical(q, qo, "in-place q vs functional q")
+        assert_bit_identical(k, ko, "in-place k vs functional k")
+        assert_bit_identical(v, op_view(buf_before.split(widths, -1)[2].unflatten(
+            -1, (hk, dk)), layout), "in-place apply_rope_qk wrote into v")
+
+
+# --- found by fuzzing ---
+
+
+@pytest.mark.parametrize("entry", ["op.apply_", "op.apply_qk_", "apply_rope[inplace]"])
+def test_inplace_accepts_empty_broadcast_x(entry):
+    """An empty x (zero batch) that came out of expand has zero strides. It has no elements, so
+    none overlap: the in-place call must be a no-op, like every other empty input (API.md section
+    3). torch calls such a tensor contiguous and x.contiguous() returns it unchanged, so the
+    error's advice ("pass x.contiguous()") cannot help the caller either."""
+    cos, sin = ref.default_table(4, 8)
+    cos, sin = cos.float(), sin.float()
+    x = torch.randn(1, 1, 1, 4).expand(0, 3, 2, 4)
+    assert x.is_contiguous() and x.contiguous().stride() == x.stride()
+    if entry == "op.apply_":
+        ops.apply_(x, cos, sin)
+    elif entry == "op.apply_qk_":
+        ops.apply_qk_(x, torch.randn(0, 3, 1, 4), cos, sin)
+    else:
+        assert rope_ext.apply_rope(x, cos, sin, inplace=True) is x
