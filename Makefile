@@ -55,7 +55,14 @@ test: build
 demo: build
 	$(PY) benchmarks/demo.py
 
-bench: build
+# The other RoPE implementations the full benchmark compares with, and matplotlib for its plot.
+# torchtune --no-deps: its RoPE module needs nothing beyond torch (the benchmark loads it alone).
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PY) -m pip install --progress-bar off -q matplotlib rotary-embedding-torch einops
+	$(PY) -m pip install --progress-bar off -q --no-deps torchtune==0.6.1
+	@touch $@
+
+bench: build $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_cpu.py
 
 $(VENV_CUDA)/.deps:

@@ -30,6 +30,10 @@ ISA_FLAGS = {
     "rope_cpu_avx512.cpp": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
                             "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                             "-mfma", "-mf16c"],
+    # ATen's AVX-512 vectors, plus the native float -> bf16 rounding (ROPE_NATIVE_BF16).
+    "rope_cpu_avx512bf16.cpp": ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512",
+                                "-DROPE_NATIVE_BF16", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
 }
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -48,7 +52,8 @@ def sources(cuda):
     # inline function the three kernel files share.
     cpu = ["csrc/cpu/rope_cpu_default.cpp"]
     if X86:
-        cpu += ["csrc/cpu/rope_cpu_avx2.cpp", "csrc/cpu/rope_cpu_avx512.cpp"]
+        cpu += ["csrc/cpu/rope_cpu_avx2.cpp", "csrc/cpu/rope_cpu_avx512.cpp",
+                "csrc/cpu/rope_cpu_avx512bf16.cpp"]
     srcs = cpu + ["csrc/cpu/rope_cpu.cpp", "csrc/rope_problem.cpp", "csrc/rope_ops.cpp"]
     if cuda:
         srcs += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu.py            # the full table and the plot (about 10 minutes)
     python benchmarks/bench_cpu.py --quick    # the short table of `make demo`
 
-Each cell is the median of repeated runs after warm-up (compilation excluded).
+Each cell is the median of repeated runs after warm-up (compilation excluded), the\nimplementations timed in turns.
 Columns after rope_ext are speed-ups: that implementation's time over rope_ext's
 (higher is better for rope_ext); "copy" is rope_ext's time over a plain copy of the
 same bytes into fresh tensors (the memory-bandwidth floor; 1.0 would be ideal).
@@ -11,14 +11,16 @@ same bytes into fresh tensors (the memory-bandwidth floor; 1.0 would be ideal).
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from baselines import IMPLEMENTATIONS, Case  # noqa: E402
-from common import median_time  # noqa: E402
+from common import STEADY_MALLOC, use_steady_malloc  # noqa: E402
 
 MODELS = {
     # name: (q heads, k heads, head_dim, rotary_dim, rope_theta)
@@ -37,14 +39,17 @@ def make_case(model, dtype, seq, batch=1, start=0):
                 dtype=dtype, start=start, base=base)
 
 
-def time_impl(build, case, backward, repeats):
+def make_step(build, case, backward):
+    """One timed call of an implementation (forward, or forward and backward), or None."""
     run = build(case)
     if run is None:
         return None
     q, k = case.inputs(requires_grad=backward)
     if not backward:
-        with torch.no_grad():
-            return median_time(lambda: run(q, k), repeats=repeats)
+        def forward():
+            with torch.no_grad():
+                run(q, k)
+        return forward
     g = case.inputs(seed=1)
 
     def step():
@@ -52,13 +57,25 @@ def time_impl(build, case, backward, repeats):
         torch.autograd.backward([qo, ko], list(g))
         q.grad = k.grad = None
 
-    return median_time(step, repeats=repeats)
+    return step
 
 
 def bench_row(case, impls, backward, repeats):
-    times = {name: time_impl(IMPLEMENTATIONS[name], case, backward, repeats) for name in impls}
+    """Median time of each implementation, timed in turns (one call each per round), so
+    that drift in the machine's speed reaches every implementation alike."""
+    steps = {name: make_step(IMPLEMENTATIONS[name], case, backward) for name in impls}
+    live = {name: step for name, step in steps.items() if step is not None}
+    for step in live.values():  # warm-up: compilation, allocator, caches
+        for _ in range(5):
+            step()
+    samples = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, step in live.items():
+            t0 = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - t0)
     torch._dynamo.reset()  # keep compiled graphs of earlier shapes from piling up
-    return times
+    return {name: statistics.median(samples[name]) if name in live else None for name in impls}
 
 
 def format_row(label, case, times, impls):
@@ -113,17 +130,18 @@ def main(argv=None):
 
     if not args.quick:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, freed memory kept "
+              f"in the process ({' '.join(f'{k}={v}' for k, v in STEADY_MALLOC.items())})")
     if args.quick:
         impls = ["rope_ext", "HF eager", "HF compile", "copy"]
         plan = [("Llama-3-8B", "bf16", s, False) for s in (1024, 4096)]
         plan += [("Llama-3-8B", "bf16", "decode", False), ("Llama-3-8B", "bf16", 4096, True)]
-        repeats = args.repeats or 9
+        repeats = args.repeats or 15
     else:
         impls = list(IMPLEMENTATIONS)
-        plan = [(m, d, s, bwd) for bwd in (False, True) for m in MODELS for d in DTYPES
-                for s in PREFILL + ("decode",)]
-        repeats = args.repeats or 15
+        plan = [(m, d, s, False) for m in MODELS for d in DTYPES for s in PREFILL + ("decode",)]
+        plan += [(m, "bf16", s, True) for m in ("Llama-3-8B", "NeoX-partial") for s in (1024, 4096)]
+        repeats = args.repeats or 25
 
     print(header(impls))
     curve = {name: [] for name in impls}
@@ -135,9 +153,11 @@ def main(argv=None):
             case = make_case(model, DTYPES[dname], seq)
             shape = f"s={seq}"
         label = f"{model} {dname} {shape} {'fwd+bwd' if backward else 'fwd'}"
-        print(f"  [{i + 1}/{len(plan)}] {label} ...", end="\r", file=sys.stderr, flush=True)
+        progress = f"  [{i + 1}/{len(plan)}] {label} ..."
+        if sys.stderr.isatty():  # a progress line that the finished row overwrites
+            print(progress, end="\r", file=sys.stderr, flush=True)
         times = bench_row(case, impls, backward, repeats)
-        print(format_row(label, case, times, impls), flush=True)
+        print(format_row(label, case, times, impls).ljust(len(progress)), flush=True)
         if model == "Llama-3-8B" and dname == "bf16" and seq != "decode" and not backward:
             for name in impls:
                 curve[name].append((seq, case.bytes_moved(), times[name]))
@@ -146,4 +166,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_steady_malloc()
     main()

@@ -1,21 +1,21 @@
-"""Shared pieces of the benchmarks: timing and shapes."""
+"""Shared pieces of the benchmarks: the allocator setting and shapes."""
 
-import statistics
-import time
+import os
+import sys
 
 import torch
 
+# glibc hands freed blocks of 32 MB and more back to the OS, so each new output that size
+# is paged in again: page faults then cost more than any RoPE kernel, and how many there
+# are depends on what ran before. The benchmarks keep freed memory in the process, as a
+# caching allocator (or jemalloc/tcmalloc) would, for every implementation alike.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
-def median_time(fn, *, warmup=3, repeats=15, min_time=0.0):
-    """Median wall time of fn() in seconds, after warm-up (first calls compile or allocate)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def use_steady_malloc():
+    """Re-run this script with STEADY_MALLOC set (glibc reads it only at start-up)."""
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **STEADY_MALLOC))
 
 
 def llama3_8b_qk(seq, batch=1, dtype=torch.bfloat16, seed=0):

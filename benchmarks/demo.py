@@ -18,7 +18,7 @@ sys.path.insert(0, HERE)
 
 import rope_ext  # noqa: E402
 import bench_cpu  # noqa: E402
-from common import llama3_8b_qk  # noqa: E402
+from common import llama3_8b_qk, use_steady_malloc  # noqa: E402
 from reference import pair_slots, pair_norms, rope  # noqa: E402
 
 SEQ = 4096
@@ -49,9 +49,12 @@ def main():
         print(f"      {name}: max error / pair norm = {err:.2e} (bf16 bound 2^-8 = {2**-8:.2e}) {verdict}")
 
     print("[2/2] speed on this CPU: rope_ext's time, then each baseline's time over it "
-          "(higher is better for rope_ext; 'vs copy' is rope_ext over a plain copy)", flush=True)
+          "(higher is better for rope_ext; 'vs copy' is rope_ext over a plain copy of the same "
+          "bytes: 1.00x is the memory-bandwidth limit). Freed memory stays in the process "
+          "(benchmarks/common.py says why).", flush=True)
     bench_cpu.main(["--quick"])
 
 
 if __name__ == "__main__":
+    use_steady_malloc()
     main()

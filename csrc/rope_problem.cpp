@@ -181,6 +181,7 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
 // ones span. That holds for every slice and transpose of a dense tensor (a q
 // cut from a fused qkv included) and fails for expand and hand-made overlaps.
 bool provably_non_overlapping(const at::Tensor& x) {
+  if (x.numel() == 0) return true;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
   for (int64_t d = 0; d < x.dim(); ++d) {
     if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
@@ -201,20 +202,28 @@ void check_writable(const at::Tensor& x, const char* name) {
                     ".contiguous()");
 }
 
-// Whether some element of k is also an element of q: is there an index a of q
-// and b of k with q_off + a.stride = k_off + b.stride? Searched dim by dim from
-// the largest stride, keeping only the steps the smaller dims can still make
-// up; for views of a dense tensor that is at most two candidates per dim.
-// Given up (answered "shared") past a budget, for exotic strides.
+// Whether q and k may share an element: is there an index a of q and b of k
+// with q_off + a.q_stride = k_off + b.k_stride? Dims with the same stride in
+// both (batch, seq, head_dim of slices of one fused qkv buffer) are searched
+// digit by digit from the largest stride, keeping only the steps the smaller
+// dims can still make up; the rest (heads, when q and k have different
+// head_dims) are taken as the whole interval they span, which can only err
+// towards "shared". Given up (answered "shared") past a budget, for exotic strides.
 bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
-  if (!q.is_alias_of(k)) return false;
-  if (q.strides() != k.strides() || q.dim() != k.dim()) return true;
+  if (q.numel() == 0 || k.numel() == 0 || !q.is_alias_of(k)) return false;
+  if (q.dim() != k.dim()) return true;
   struct Dim {
     int64_t stride, q_size, k_size;
   };
   std::vector<Dim> dims;
+  int64_t q_span = 0, k_span = 0;  // extents of the dims whose strides differ
   for (int64_t d = 0; d < q.dim(); ++d) {
-    if (q.stride(d) > 0) dims.push_back({q.stride(d), q.size(d), k.size(d)});
+    if (q.stride(d) == k.stride(d)) {
+      if (q.stride(d) > 0) dims.push_back({q.stride(d), q.size(d), k.size(d)});
+    } else {
+      q_span += (q.size(d) - 1) * q.stride(d);
+      k_span += (k.size(d) - 1) * k.stride(d);
+    }
   }
   std::sort(dims.begin(), dims.end(), [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
   // reach_lo[i], reach_hi[i]: the range of sum_{j >= i} (a_j - b_j) * stride_j.
@@ -225,18 +234,23 @@ bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
   }
   int64_t budget = 4096;
   const auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && (a < 0)); };
-  std::function<bool(size_t, int64_t)> search = [&](size_t i, int64_t rest) -> bool {
+  const auto ceil_div = [&](int64_t a, int64_t b) { return -floor_div(-a, b); };
+  // Is sum_{j >= i} (a_j - b_j) * stride_j in [lo, hi] for some digits?
+  std::function<bool(size_t, int64_t, int64_t)> search = [&](size_t i, int64_t lo,
+                                                             int64_t hi) -> bool {
     if (--budget < 0) return true;
-    if (i == dims.size()) return rest == 0;
+    if (i == dims.size()) return lo <= 0 && 0 <= hi;
     const Dim& d = dims[i];
-    const int64_t lo = std::max(-(d.k_size - 1), -floor_div(reach_hi[i + 1] - rest, d.stride));
-    const int64_t hi = std::min(d.q_size - 1, floor_div(rest - reach_lo[i + 1], d.stride));
-    for (int64_t step = lo; step <= hi; ++step) {
-      if (search(i + 1, rest - step * d.stride)) return true;
+    const int64_t first = std::max(-(d.k_size - 1), ceil_div(lo - reach_hi[i + 1], d.stride));
+    const int64_t last = std::min(d.q_size - 1, floor_div(hi - reach_lo[i + 1], d.stride));
+    for (int64_t step = first; step <= last; ++step) {
+      if (search(i + 1, lo - step * d.stride, hi - step * d.stride)) return true;
     }
     return false;
   };
-  return search(0, k.storage_offset() - q.storage_offset());
+  // q_off + sum(a s) + x = k_off + sum(b s) + y, x in [0, q_span], y in [0, k_span].
+  const int64_t delta = k.storage_offset() - q.storage_offset();
+  return search(0, delta - q_span, delta + k_span);
 }
 
 bool empty(const RopeProblem& p) {

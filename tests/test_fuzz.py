@@ -27,9 +27,10 @@ import rope_ext
 ops = torch.ops.rope
 
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-FUZZ = settings(max_examples=350, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ_QK = settings(FUZZ, max_examples=200)
+FUZZ_QK = settings(FUZZ, max_examples=600)
+FUZZ_QK_FUSED = settings(FUZZ, max_examples=300)
 
 # Rotary half-widths: every small count (vector tails) plus widths around the CPU kernel's
 # block sizes (16 float64 / 32 float32, bf16, fp16 elements) and real models' 32 and 64.
@@ -162,8 +163,10 @@ def draw_table(data, layout, b, s, half, x_dtype, g):
     return cos, sin, positions
 
 
-SIZES = dict(batch=st.integers(0, 3), seq=st.sampled_from([0, 1, 1, 2, 3, 5, 8, 13]),
-             heads=st.integers(0, 4))
+# Zero and one included in each; a zero somewhere in about a third of the cases.
+SIZES = dict(batch=st.sampled_from([0, 1, 1, 2, 2, 3]),
+             seq=st.sampled_from([0, 1, 1, 2, 3, 5, 8, 13, 13, 24]),
+             heads=st.sampled_from([0, 1, 1, 2, 3, 4]))
 
 
 @FUZZ
@@ -229,20 +232,16 @@ def test_fuzz_apply(data):
         assert_bit_identical(buf2, want, "the in-place op wrote outside x")
 
 
-@FUZZ_QK
-@given(data=st.data())
-def test_fuzz_apply_qk(data):
-    """q and k cut from one fused qkv projection (grouped-query head counts, possibly different
-    head sizes), rotated together: each matches the reference, matches apply_rope on it alone bit
-    for bit, the in-place call gives the same bits and leaves v alone."""
+def draw_qk_case(data):
+    """q, k, v cut from one fused qkv projection [*lead, hq*dq + 2*hk*dk] (grouped-query head
+    counts, possibly different head sizes; transposed to bhsd as Hugging Face does), a table."""
     draw = data.draw
-    seed = draw(st.integers(0, 2**32 - 1), label="seed")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1), label="seed"))
     dtype = draw(st.sampled_from(X_DTYPES), label="dtype")
     layout = draw(st.sampled_from(["bshd", "bhsd", "thd"]), label="layout")
     b = 1 if layout == "thd" else draw(SIZES["batch"], label="batch")
     s = draw(SIZES["seq"], label="seq (tokens for thd)")
-    hk = draw(st.integers(0, 3), label="k heads")
+    hk = draw(st.sampled_from([0, 1, 1, 2, 3]), label="k heads")
     hq = hk * draw(st.sampled_from([1, 2, 4]), label="q heads per k head") + draw(
         st.sampled_from([0, 0, 1]), label="extra q heads")
     half = draw(HALVES, label="r/2")
@@ -250,8 +249,6 @@ def test_fuzz_apply_qk(data):
     dk = dq if draw(st.booleans(), label="same head_dim") else 2 * half + draw(
         st.integers(0, 4), label="k head_dim - r")
     interleaved = draw(st.booleans(), label="interleaved")
-    inplace = draw(st.booleans(), label="inplace")
-
     lead = (s,) if layout == "thd" else (b, s)
     widths = [hq * dq, hk * dk, hk * dk]
     buf = _randn(lead + (sum(widths),), dtype, g)
@@ -260,27 +257,55 @@ def test_fuzz_apply_qk(data):
     if layout == "bhsd":  # HF: proj(x).view(b, s, h, d).transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
-    buf_before = buf.clone()
+    return dict(buf=buf, q=q, k=k, v=v, cos=cos, sin=sin, positions=positions,
+                interleaved=interleaved, layout=layout, r=2 * half)
 
-    qo, ko = rope_ext.apply_rope_qk(q, k, cos, sin, positions, interleaved=interleaved,
-                                    layout=layout)
+
+@FUZZ_QK
+@given(data=st.data())
+def test_fuzz_apply_qk(data):
+    """apply_rope_qk on q and k of one fused projection: each matches the reference and
+    apply_rope on it alone bit for bit; in place (on copies in their own buffers, see
+    test_fuzz_apply_qk_inplace_fused for the fused buffer itself) gives the same bits."""
+    c = draw_qk_case(data)
+    q, k, buf, layout, interleaved = c["q"], c["k"], c["buf"], c["layout"], c["interleaved"]
+    args = (c["cos"], c["sin"], c["positions"])
+    buf_before = buf.clone()
+    qo, ko = rope_ext.apply_rope_qk(q, k, *args, interleaved=interleaved, layout=layout)
     assert_bit_identical(buf, buf_before, "the functional op changed its input")
     for name, x, out in (("q", q, qo), ("k", k, ko)):
         xv, ov = op_view(x, layout), op_view(out, layout)
-        expected = ref.rope(xv, cos, sin, positions, interleaved)
-        ref.assert_pairs_close(ov, expected, xv, 2 * half, interleaved)
-        alone = rope_ext.apply_rope(x, cos, sin, positions, interleaved=interleaved,
-                                    layout=layout)
+        expected = ref.rope(xv, *args, interleaved)
+        ref.assert_pairs_close(ov, expected, xv, c["r"], interleaved)
+        alone = rope_ext.apply_rope(x, *args, interleaved=interleaved, layout=layout)
         assert_bit_identical(out, alone, f"apply_rope_qk's {name} vs apply_rope on {name}")
+    q2, k2 = q.clone(), k.clone()
+    rq, rk = rope_ext.apply_rope_qk(q2, k2, *args, interleaved=interleaved, layout=layout,
+                                    inplace=True)
+    assert rq is q2 and rk is k2
+    assert_bit_identical(q2, qo, "in-place q vs functional q")
+    assert_bit_identical(k2, ko, "in-place k vs functional k")
 
-    if inplace:
-        rq, rk = rope_ext.apply_rope_qk(q, k, cos, sin, positions, interleaved=interleaved,
-                                        layout=layout, inplace=True)
-        assert rq is q and rk is k
-        assert_bit_identical(q, qo, "in-place q vs functional q")
-        assert_bit_identical(k, ko, "in-place k vs functional k")
-        assert_bit_identical(v, op_view(buf_before.split(widths, -1)[2].unflatten(
-            -1, (hk, dk)), layout), "in-place apply_rope_qk wrote into v")
+
+@FUZZ_QK_FUSED
+@given(data=st.data())
+def test_fuzz_apply_qk_inplace_fused(data):
+    """In place on the q and k slices of the fused buffer itself (disjoint views, so they must be
+    accepted): the functional result bit for bit, and v and everything else left alone."""
+    c = draw_qk_case(data)
+    q, k, buf, layout, interleaved = c["q"], c["k"], c["buf"], c["layout"], c["interleaved"]
+    args = (c["cos"], c["sin"], c["positions"])
+    qo, ko = rope_ext.apply_rope_qk(q, k, *args, interleaved=interleaved, layout=layout)
+    want = buf.clone()
+    want_q = want.as_strided(q.shape, q.stride(), q.storage_offset())
+    want_k = want.as_strided(k.shape, k.stride(), k.storage_offset())
+    want_q.copy_(qo)
+    want_k.copy_(ko)
+    rq, rk = rope_ext.apply_rope_qk(q, k, *args, interleaved=interleaved, layout=layout,
+                                    inplace=True)
+    assert rq is q and rk is k
+    assert_bit_identical(buf, want, "fused buffer after in-place apply_rope_qk (q, k rotated, "
+                                    "v untouched)")
 
 
 # --- found by fuzzing ---
@@ -302,3 +327,62 @@ def test_inplace_accepts_empty_broadcast_x(entry):
         ops.apply_qk_(x, torch.randn(0, 3, 1, 4), cos, sin)
     else:
         assert rope_ext.apply_rope(x, cos, sin, inplace=True) is x
+
+
+def _fused_qk(hq, dq, hk, dk, lead=(2, 3)):
+    widths = [hq * dq, hk * dk, hk * dk]
+    buf = torch.randn(lead + (sum(widths),))
+    q, k, v = (t.unflatten(-1, (n, dd)) for t, n, dd in
+               zip(buf.split(widths, -1), (hq, hk, hk), (dq, dk, dk)))
+    return buf, q, k, v
+
+
+@pytest.mark.parametrize("entry", ["op.apply_qk_", "apply_rope_qk[inplace]"])
+def test_inplace_qk_fused_different_head_dims(entry):
+    """q and k of different head sizes (API.md: "so may their head_dim") cut from one fused
+    projection are disjoint, and the error itself says fused slices are fine: rotate them in place
+    and get the functional result."""
+    cos, sin = (t.float() for t in ref.default_table(4, 8))
+    _, q, k, v = _fused_qk(hq=2, dq=4, hk=1, dk=6)
+    v_before = v.clone()
+    qo, ko = ops.apply_qk(q, k, cos, sin)
+    if entry == "op.apply_qk_":
+        ops.apply_qk_(q, k, cos, sin)
+    else:
+        rope_ext.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert_bit_identical(q, qo, "in-place q")
+    assert_bit_identical(k, ko, "in-place k")
+    assert_bit_identical(v, v_before, "v")
+
+
+@pytest.mark.parametrize("entry", ["op.apply_qk_", "apply_rope_qk[inplace]"])
+def test_inplace_qk_fused_zero_q_heads(entry):
+    """Zero q heads (an empty q) sliced from the fused buffer shares nothing with k; k must be
+    rotated in place as it is when q lives in its own buffer."""
+    cos, sin = (t.float() for t in ref.default_table(4, 8))
+    _, q, k, _ = _fused_qk(hq=0, dq=6, hk=1, dk=4)
+    ko = ops.apply(k, cos, sin)
+    if entry == "op.apply_qk_":
+        ops.apply_qk_(q, k, cos, sin)
+    else:
+        rope_ext.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert_bit_identical(k, ko, "in-place k")
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+def test_inplace_qk_fused_decode_step(layout):
+    """The usual decode step: batch 1, one new token, grouped-query heads, q and k sliced from the
+    fused projection. Size-1 dims carry arbitrary strides (torch gives q and k different ones
+    there), which must not make the disjoint slices look shared."""
+    cos, sin = (t.float() for t in ref.default_table(8, 64))
+    lead = (1,) if layout == "thd" else (1, 1)
+    buf, q, k, v = _fused_qk(hq=4, dq=8, hk=1, dk=8, lead=lead)
+    if layout == "bhsd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    pos = torch.tensor([37]) if layout == "thd" else torch.tensor([[37]])
+    v_before = v.clone()
+    qo, ko = rope_ext.apply_rope_qk(q, k, cos, sin, pos, layout=layout)
+    rope_ext.apply_rope_qk(q, k, cos, sin, pos, layout=layout, inplace=True)
+    assert_bit_identical(q, qo, "in-place q")
+    assert_bit_identical(k, ko, "in-place k")
+    assert_bit_identical(v, v_before, "v")

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../rope_problem.h"
@@ -57,20 +58,71 @@ struct Block {
     }
   }
 
+  // Two float vectors rounded (to nearest even) into one of bf16/fp16.
+  static Vectorized<scalar_t> narrow(const V& lo, const V& hi) {
+#if defined(ROPE_NATIVE_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // One instruction where ATen's portable rounding takes a dozen: with two cores
+      // the bf16 kernel is otherwise bound by this arithmetic, not by memory.
+      return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+#endif
+    return at::vec::convert_from_float<scalar_t>(lo, hi);
+  }
+
   static void store(scalar_t* p, int64_t n, const V& lo, const V& hi) {
     if constexpr (kReduced<scalar_t>) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, static_cast<int>(n));
+      narrow(lo, hi).store(p, static_cast<int>(n));
     } else {
       lo.store(p, static_cast<int>(std::min(n, W)));
       if (n > W) hi.store(p + W, static_cast<int>(n - W));
     }
   }
+
+  // A store that bypasses the cache (when kStream), for outputs too large to stay
+  // in it: a plain store must first read each line it writes, a third memory
+  // stream beside x and y. Only whole blocks at vector-aligned addresses stream.
+  template <bool kStream>
+  static void put(scalar_t* p, int64_t n, const V& lo, const V& hi) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kStream) {
+      if (n == kSize && reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
+        if constexpr (kReduced<scalar_t>) {
+          stream_one(p, narrow(lo, hi));
+        } else {
+          stream_one(p, lo);
+          stream_one(p + W, hi);
+        }
+        return;
+      }
+    }
+#endif
+    store(p, n, lo, hi);
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  static void stream_one(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+  static void stream_one(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+  static void stream_one(void* p, __m512d v) { _mm512_stream_pd(static_cast<double*>(p), v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+  static void stream_one(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+  static void stream_one(void* p, __m256 v) { _mm256_stream_ps(static_cast<float*>(p), v); }
+  static void stream_one(void* p, __m256d v) { _mm256_stream_pd(static_cast<double*>(p), v); }
+#endif
 };
+
+// Orders streamed stores before anything the caller does next.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // Pairs (x[i], x[i + half]) of one head, head_dim at unit stride. c and s hold
 // the token's table row padded with zeros to a multiple of kSize, so the table
 // loads of a last partial block stay inside the buffer.
-template <typename scalar_t>
+template <bool kStream, typename scalar_t>
 void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
                             const opmath_t<scalar_t>* s, int64_t half) {
   using B = Block<scalar_t>;
@@ -82,14 +134,14 @@ void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scala
     B::load(x + half + i, n, b0, b1);
     rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
     rotate_pair(a1, b1, V::loadu(c + i + B::W), V::loadu(s + i + B::W));
-    B::store(y + i, n, a0, a1);
-    B::store(y + half + i, n, b0, b1);
+    B::template put<kStream>(y + i, n, a0, a1);
+    B::template put<kStream>(y + half + i, n, b0, b1);
   }
 }
 
 // Pairs (x[2i], x[2i + 1]): a block of 2W elements holds W pairs, split into
 // even and odd lanes, rotated, and merged back.
-template <typename scalar_t>
+template <bool kStream, typename scalar_t>
 void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
                              const opmath_t<scalar_t>* s, int64_t half) {
   using B = Block<scalar_t>;
@@ -102,7 +154,7 @@ void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scal
     auto [a, b] = at::vec::deinterleave2(lo, hi);
     rotate_pair(a, b, V::loadu(c + e / 2), V::loadu(s + e / 2));
     std::tie(lo, hi) = at::vec::interleave2(a, b);
-    B::store(y + e, n, lo, hi);
+    B::template put<kStream>(y + e, n, lo, hi);
   }
 }
 
@@ -136,57 +188,89 @@ void copy_tail(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd, int64_t
   for (int64_t d = from; d < to; ++d) y[d * ysd] = x[d * xsd];
 }
 
-// One token's table row, converted once to the math type and reused by every
-// head of q and k. inverse negates sin here instead of in the inner loop.
-template <typename table_t, typename T>
-void load_table_row(const RopeProblem& p, int64_t b, int64_t s, T* c, T* sn) {
+// One token's table row in the math type, reused by every head of q and k.
+// A float table (double for double x) at unit stride is read where it lies when
+// no padding is needed; otherwise the row is converted into c_buf / s_buf once,
+// with sin negated for the inverse instead of in the inner loop.
+template <typename scalar_t, typename table_t>
+std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
+    const RopeProblem& p, int64_t b, int64_t s, opmath_t<scalar_t>* c_buf,
+    opmath_t<scalar_t>* s_buf) {
+  using T = opmath_t<scalar_t>;
   const TableIndex& t = p.table;
   const int64_t pos = token_position(t, b, s);
   const table_t* cp = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
   const table_t* sp = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
+  if constexpr (std::is_same_v<table_t, T>) {
+    if (!p.inverse && t.cos_si == 1 && t.sin_si == 1 && p.half % Block<scalar_t>::kSize == 0) {
+      return {cp, sp};
+    }
+  }
   const T sign = p.inverse ? T(-1) : T(1);
   for (int64_t i = 0; i < p.half; ++i) {
-    c[i] = static_cast<T>(cp[i * t.cos_si]);
-    sn[i] = sign * static_cast<T>(sp[i * t.sin_si]);
+    c_buf[i] = static_cast<T>(cp[i * t.cos_si]);
+    s_buf[i] = sign * static_cast<T>(sp[i * t.sin_si]);
   }
+  return {c_buf, s_buf};
 }
+
+// Tokens [begin, end): every head of q (and k) of each token, with its table row.
+template <bool kStream, typename scalar_t, typename table_t>
+void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<scalar_t>* c_buf,
+                     opmath_t<scalar_t>* s_buf) {
+  for (int64_t tok = begin; tok < end; ++tok) {
+    const int64_t b = tok / p.seq, s = tok % p.seq;
+    const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf, s_buf);
+    for (int k = 0; k < p.num_x; ++k) {
+      const HeadsDesc& h = p.x[k];
+      const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_sb + s * h.in_ss;
+      scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_sb + s * h.out_ss;
+      const bool in_place = h.in == h.out;
+      const bool unit = h.in_sd == 1 && h.out_sd == 1;
+      for (int64_t head = 0; head < h.heads; ++head) {
+        const scalar_t* xi = xin + head * h.in_sh;
+        scalar_t* yo = xout + head * h.out_sh;
+        if (unit && p.interleaved) {
+          rotate_head_interleaved<kStream>(xi, yo, c, sn, p.half);
+        } else if (unit) {
+          rotate_head_half_split<kStream>(xi, yo, c, sn, p.half);
+        } else {
+          rotate_head_strided(xi, h.in_sd, yo, h.out_sd, c, sn, p.half, p.interleaved);
+        }
+        if (!in_place) copy_tail(xi, h.in_sd, yo, h.out_sd, 2 * p.half, h.head_dim);
+      }
+    }
+  }
+  if constexpr (kStream) stream_fence();
+}
+
+// Outputs at least this large are written around the cache: they would not stay
+// in it anyway, and the functional op's output is fresh memory nobody has read.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 template <typename scalar_t, typename table_t>
 void rope_cpu_typed(const RopeProblem& p) {
   using T = opmath_t<scalar_t>;
   const int64_t tokens = p.batch * p.seq;
   int64_t work_per_token = 1;
-  for (int k = 0; k < p.num_x; ++k) work_per_token += p.x[k].heads * p.x[k].head_dim;
+  bool in_place = false;
+  for (int k = 0; k < p.num_x; ++k) {
+    work_per_token += p.x[k].heads * p.x[k].head_dim;
+    in_place = in_place || p.x[k].in == p.x[k].out;
+  }
+  const bool stream =
+      !in_place && tokens * work_per_token * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   // Enough elements per task that the thread hand-off is paid for.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_token);
   const int64_t padded = (p.half + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize *
                          Block<scalar_t>::kSize;
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> c(padded, T(0)), sn(padded, T(0));
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const int64_t b = tok / p.seq, s = tok % p.seq;
-      load_table_row<table_t>(p, b, s, c.data(), sn.data());
-      for (int k = 0; k < p.num_x; ++k) {
-        const HeadsDesc& h = p.x[k];
-        const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_sb + s * h.in_ss;
-        scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_sb + s * h.out_ss;
-        const bool in_place = h.in == h.out;
-        const bool unit = h.in_sd == 1 && h.out_sd == 1;
-        for (int64_t head = 0; head < h.heads; ++head) {
-          const scalar_t* xi = xin + head * h.in_sh;
-          scalar_t* yo = xout + head * h.out_sh;
-          if (unit && p.interleaved) {
-            rotate_head_interleaved(xi, yo, c.data(), sn.data(), p.half);
-          } else if (unit) {
-            rotate_head_half_split(xi, yo, c.data(), sn.data(), p.half);
-          } else {
-            rotate_head_strided(xi, h.in_sd, yo, h.out_sd, c.data(), sn.data(), p.half,
-                                p.interleaved);
-          }
-          if (!in_place) copy_tail(xi, h.in_sd, yo, h.out_sd, 2 * p.half, h.head_dim);
-        }
-      }
+    std::vector<T> c_buf(padded, T(0)), s_buf(padded, T(0));
+    if (stream) {
+      rope_cpu_tokens<true, scalar_t, table_t>(p, begin, end, c_buf.data(), s_buf.data());
+    } else {
+      rope_cpu_tokens<false, scalar_t, table_t>(p, begin, end, c_buf.data(), s_buf.data());
     }
   });
 }
