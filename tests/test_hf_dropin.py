@@ -498,7 +498,7 @@ def test_tiny_model_logits_and_gradients_eager(case, monkeypatch, count_calls):
     assert torch.equal(back_logits, ref_logits)
 
 
-@pytest.mark.parametrize("case", ["llama-yarn", "gpt_neox-partial"])
+@pytest.mark.parametrize("case", ["llama-yarn", "qwen2", "gpt_neox-partial"])
 def test_tiny_model_under_torch_compile(case, count_calls):
     """The whole model under torch.compile (aot_eager: inductor takes ~30 s per graph on this
     CPU; inductor is covered by test_torch_compile_fullgraph): logits and gradients equal
