@@ -22,7 +22,8 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(r
 # The CPU kernel under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
 # build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python (and
 # libstdc++ right after it, or ASan's __cxa_throw interceptor finds nothing to wrap).
-SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py
+SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py \
+                  tests/test_fuzz.py tests/test_threads.py
 
 .PHONY: demo test build bench cuda-build sanitize clean help
 
