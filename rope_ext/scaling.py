@@ -11,7 +11,7 @@ factors), and :func:`dynamic_inv_freq` / :func:`longrope_inv_freq` give the othe
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
