@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # transformers is a test and benchmark dependency only: the package never imports it.
 DEPS   := numpy pytest hypothesis transformers==5.18.0 setuptools wheel
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # The CUDA kernel is compiled (not run: no GPU here) against the CUDA build of
 # torch in a second venv, so a change that breaks nvcc turns CI red.
@@ -23,9 +23,9 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(r
 # build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python (and
 # libstdc++ right after it, or ASan's __cxa_throw interceptor finds nothing to wrap).
 SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py \
-                  tests/test_fuzz.py tests/test_threads.py
+                  tests/test_fuzz.py tests/test_threads.py tests/test_cuda.py
 
-.PHONY: demo test build bench cuda-build sanitize clean help
+.PHONY: demo test build bench cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
@@ -33,6 +33,9 @@ help:
 	@echo "make bench  the full CPU benchmark"
 	@echo "make cuda-build  compile the CUDA kernel with nvcc (no GPU needed)"
 	@echo "make sanitize    the CPU tests against an ASan + UBSan build"
+	@echo "make gpu-check   on a GPU machine: build, CUDA tests, compute-sanitizer, GPU benchmark"
+	@echo "make gpu-check-quick  on a GPU machine: build, CUDA tests, rope_ext against a copy"
+	@echo "make gpu-wheels  fetch the wheels gpu-check carries to the GPU machine (.whl/)"
 	@echo "make clean  remove build outputs (keeps the venv)"
 
 $(VENV)/.deps:
@@ -87,6 +90,22 @@ sanitize: $(VENV)/.deps
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	ROPE_EXT_LIBRARY="$$(ls $(CURDIR)/build/sanitize/rope_ext/_C*.so)" \
 	  $(PY) -m pytest -q -x -p no:cacheprovider $(SANITIZE_TESTS)
+
+# On the lent GPU machine (the device tool), with its own python3 and torch: no venv here.
+gpu-check:
+	bash .ci/gpu_check.sh full
+
+gpu-check-quick:
+	bash .ci/gpu_check.sh quick
+
+# The GPU machine has no network: the peers it lacks travel as wheels in .whl/
+# (ignored by git; name it in the device call's carry). liger-kernel is pure Python.
+GPU_PY_VERSION ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl liger-kernel==0.8.5
+	@ls -la .whl
 
 clean:
 	rm -rf build rope_ext/*.so rope_ext.egg-info $(VENV)/.built

@@ -10,11 +10,17 @@ Knobs (environment variables):
   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0": A100 and H100)
   ROPE_EXT_DEBUG=1      -O0 -g, for debuggers and sanitizers
   ROPE_EXT_SANITIZE=address,undefined   build with those sanitizers
+  ROPE_EXT_CPU_ISAS=default,avx2   build only these CPU kernel variants (default: all
+                        four on x86; `default` is always built). The GPU check uses it
+                        to save build time; the CPU kernel picks among what was built.
+  ROPE_EXT_JOBS=N       compile N sources at once (default: the number of CPUs)
 """
 
 import glob
 import os
 import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -34,7 +40,14 @@ ISA_FLAGS = {
     "rope_cpu_avx512bf16.cpp": ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512",
                                 "-DROPE_NATIVE_BF16", "-mavx512f", "-mavx512bw", "-mavx512vl",
                                 "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
+    # The CUDA kernel's host executor: no contraction of a*b - c*d into an FMA, as the
+    # device code is built with -fmad=false, so both do the same rounding steps.
+    "rope_cuda_host.cpp": ["-ffp-contract=off"],
 }
+# The optional instruction-set variants, by the name ROPE_EXT_CPU_ISAS and
+# ROPE_EXT_CPU_KERNEL use; each built one defines ROPE_EXT_HAVE_<NAME>.
+ISA_FILES = {"avx2": "rope_cpu_avx2.cpp", "avx512": "rope_cpu_avx512.cpp",
+             "avx512_bf16": "rope_cpu_avx512bf16.cpp"}
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -47,24 +60,69 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def sources(cuda):
+def cpu_isas():
+    """The optional CPU kernel variants to build (x86 only)."""
+    if not X86:
+        return []
+    asked = os.environ.get("ROPE_EXT_CPU_ISAS")
+    if asked is None:
+        return list(ISA_FILES)
+    names = [n.strip() for n in asked.split(",") if n.strip() and n.strip() != "default"]
+    unknown = sorted(set(names) - set(ISA_FILES))
+    if unknown:
+        raise SystemExit(f"ROPE_EXT_CPU_ISAS: unknown {unknown}; choose from default, "
+                         f"{', '.join(ISA_FILES)}")
+    return names
+
+
+def sources(cuda, isas):
     # The default-ISA kernel links first, so the linker keeps its copies of any
-    # inline function the three kernel files share.
-    cpu = ["csrc/cpu/rope_cpu_default.cpp"]
-    if X86:
-        cpu += ["csrc/cpu/rope_cpu_avx2.cpp", "csrc/cpu/rope_cpu_avx512.cpp",
-                "csrc/cpu/rope_cpu_avx512bf16.cpp"]
-    srcs = cpu + ["csrc/cpu/rope_cpu.cpp", "csrc/rope_problem.cpp", "csrc/rope_ops.cpp"]
+    # inline function the four kernel files share.
+    cpu = ["csrc/cpu/rope_cpu_default.cpp"] + [f"csrc/cpu/{ISA_FILES[n]}" for n in isas]
+    srcs = cpu + ["csrc/cpu/rope_cpu.cpp", "csrc/cuda/rope_cuda_host.cpp",
+                  "csrc/rope_problem.cpp", "csrc/rope_ops.cpp"]
     if cuda:
         srcs += sorted(glob.glob("csrc/cuda/*.cu"))
     return srcs
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """Adds the per-file instruction-set flags (cpp_extension has only global ones)."""
+    """Adds the per-file flags (cpp_extension has only global ones) and compiles the
+    sources in parallel. The per-file flags need the compiler's one-file hook, which
+    only the non-ninja build calls (hence use_ninja=False below); that build compiles
+    one file at a time, so `parallel_compile` runs the hook for all files at once."""
 
     def build_extension(self, ext):
         inner = self.compiler._compile
+        compiler = self.compiler
+        serial_compile = compiler.compile
+        serial_class = compiler.__class__
+        # cpp_extension compiles a .cu file by swapping compiler_so to nvcc and back:
+        # with files compiled at once, each thread must see only its own swap.
+        default_so = compiler.compiler_so
+        local = threading.local()
+
+        class ThreadLocalCompiler(serial_class):
+            compiler_so = property(lambda self: getattr(local, "so", default_so),
+                                   lambda self, value: setattr(local, "so", value))
+
+        compiler.__dict__.pop("compiler_so", None)
+        compiler.__class__ = ThreadLocalCompiler
+
+        def parallel_compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                             extra_preargs=None, extra_postargs=None, depends=None):
+            macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+                output_dir, macros, include_dirs, sources, depends, extra_postargs)
+            cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+            # Longest first: the CUDA file and the AVX-512 kernels decide the wall time.
+            todo = sorted((o for o in objects if o in build),
+                          key=lambda o: (not build[o][0].endswith(".cu"), "avx512" not in o))
+            jobs = int(os.environ.get("ROPE_EXT_JOBS", os.cpu_count() or 1))
+            with ThreadPoolExecutor(max(1, jobs)) as pool:
+                for done in [pool.submit(compiler._compile, o, build[o][0], build[o][1], cc_args,
+                                         extra_postargs, pp_opts) for o in todo]:
+                    done.result()
+            return objects
 
         def compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts):
             extra = ISA_FLAGS.get(os.path.basename(src))
@@ -76,10 +134,14 @@ class BuildExt(cpp_extension.BuildExtension):
             inner(obj, src, ext_, cc_args, extra_postargs, pp_opts)
 
         self.compiler._compile = compile_one
+        self.compiler.compile = parallel_compile
         try:
             super().build_extension(ext)
         finally:
             self.compiler._compile = inner
+            self.compiler.compile = serial_compile
+            compiler.__class__ = serial_class
+            compiler.compiler_so = default_so
 
 
 def extension():
@@ -91,6 +153,8 @@ def extension():
     # No -std: cpp_extension picks the standard the installed torch needs (C++20 from 2.14).
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
            "-Wno-maybe-uninitialized"]  # false positives inside GCC's AVX-512 intrinsics
+    isas = cpu_isas()
+    cxx += [f"-DROPE_EXT_HAVE_{n.upper()}" for n in isas]
     link = ["-fopenmp"]
     if sanitize:
         # Fatal on the first finding, so a test run cannot pass over one.
@@ -98,7 +162,7 @@ def extension():
         link += [f"-fsanitize={sanitize}"]
     kwargs = dict(
         name="rope_ext._C",
-        sources=sources(cuda),
+        sources=sources(cuda, isas),
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,
@@ -106,9 +170,11 @@ def extension():
     if not cuda:
         return cpp_extension.CppExtension(**kwargs)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # -fmad=false: no a*b - c*d contracted into an FMA, so the GPU rounds as the host
+    # executor does and the two agree bit for bit (RoPE is bound by memory, not FLOPs).
     kwargs["extra_compile_args"]["nvcc"] = opt + [
-        "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fopenmp",
-    ]
+        "--expt-relaxed-constexpr", "-lineinfo", "-fmad=false", "-Xcompiler", "-fopenmp",
+    ] + [f"-DROPE_EXT_HAVE_{n.upper()}" for n in isas]
     return cpp_extension.CUDAExtension(**kwargs)
 
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/rope_cpu.h"
+#include "cuda/rope_launch_config.h"
 #include "rope_ops.h"
 
 extern "C" {
@@ -105,6 +106,19 @@ TORCH_LIBRARY_IMPL(rope, CPU, m) {
   m.impl("apply_", &apply_cpu_);
   m.impl("apply_qk", &apply_qk_cpu);
   m.impl("apply_qk_", &apply_qk_cpu_);
+}
+
+// Test hooks, apart from the public ops (docs/kernels.md): which CPU kernel runs
+// (an instruction set, or the CUDA kernel's host executor), the CUDA launch
+// thresholds, and the plan of the last host-executed launch.
+TORCH_LIBRARY(rope_testing, m) {
+  m.def("set_cpu_kernel(str kernel) -> str", [](c10::string_view kernel) {
+    return cpu::set_cpu_kernel(std::string(kernel));
+  });
+  m.def("set_cuda_launch(str config) -> str", [](c10::string_view config) {
+    return cuda::set_launch_config(std::string(config));
+  });
+  m.def("last_host_plan() -> str", [] { return cuda::last_host_plan(); });
 }
 
 TORCH_LIBRARY_IMPL(rope, Autograd, m) {

@@ -53,18 +53,6 @@ HeadsDesc describe(const at::Tensor& x, const at::Tensor& out) {
   return h;
 }
 
-void check_positions_in_range(const at::Tensor& positions, int64_t rows) {
-  if (positions.numel() == 0) return;
-  // Only where the values are at hand: on a GPU this would be a device sync.
-  if (!positions.is_cpu()) return;
-  auto [lo, hi] = at::aminmax(positions);
-  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-  TORCH_CHECK_VALUE(mn >= 0, "rope: positions must lie in [0, ", rows, "), got ", mn);
-  TORCH_CHECK_VALUE(mx < rows, "rope: positions must lie in [0, ", rows, ") for a table of ", rows,
-                    " rows (cos.size(0)), got ", mx, "; build a table with max_positions > ", mx,
-                    " (cos_sin_table, or RotaryEmbedding(max_positions=...))");
-}
-
 // xs: the tensors to rotate (q alone, or q and k); outs: where the results go.
 RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
                          const at::Tensor& cos, const at::Tensor& sin,
@@ -141,7 +129,6 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
                         ", positions must be [", batch, ", ", seq, "], [1, ", seq, "] or [", seq,
                         "], got shape ", pos.sizes());
     }
-    check_positions_in_range(pos, t.rows);
     if (pos.scalar_type() == at::kInt) {
       t.pos32 = pos.const_data_ptr<int32_t>();
     } else {

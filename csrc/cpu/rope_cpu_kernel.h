@@ -1,10 +1,10 @@
 // The CPU kernel, written once and compiled once per instruction set.
 //
-// rope_cpu_{default,avx2,avx512}.cpp include this file, and setup.py compiles
+// rope_cpu_{default,avx2,avx512,avx512bf16}.cpp include this file, and setup.py compiles
 // each with CPU_CAPABILITY set and the matching -m flags; without both,
 // at::vec::Vectorized silently falls back to scalar code. The kernel sits in
-// the namespace named by CPU_CAPABILITY (DEFAULT, AVX2, AVX512), as ATen's own
-// vector code does, so the three copies cannot collide at link time.
+// the namespace named by CPU_CAPABILITY (DEFAULT, AVX2, AVX512, AVX512_BF16), as ATen's own
+// vector code does, so the four copies cannot collide at link time.
 #pragma once
 
 #include <ATen/Parallel.h>

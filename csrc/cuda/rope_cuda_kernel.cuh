@@ -1,0 +1,387 @@
+// The CUDA kernel's body and its launch plan, compiled twice from this one source:
+// by nvcc for the GPU (rope_cuda.cu wraps the body in a __global__ function), and
+// by the host compiler for the CPU, where the host executor (rope_cuda_host.cpp)
+// calls the body for every (block, thread) of the grid the plan chose. No index,
+// vector or tail logic exists anywhere else, so every CI run executes the device
+// code's logic without a GPU (docs/kernels.md, "The CUDA kernel on the host").
+//
+// Which grid serves which shape, and why:
+//  - Work item = (token, group of heads). A thread row (threadIdx.y) takes one item,
+//    threadIdx.x one 16-byte chunk of the pairs of every head in the group: it reads
+//    its cos/sin chunk once per item and reuses it for all those heads of q and k.
+//  - Prefill / training (many tokens): one item per token, all heads of q and k,
+//    several tokens per block (block_y = block_threads / chunks per head), so a
+//    Llama head_dim of 128 in bf16 (8 threads) packs 32 tokens into 256 threads.
+//  - Decode (few tokens): token-only items cannot fill the SMs, so the heads are
+//    split into groups and the grid becomes token x head-group items.
+//  - The grid is capped at one wave (sm_count x max_blocks_per_sm blocks) and the
+//    blocks stride over the items: a persistent grid, no launch sized by the input.
+//  - Index arithmetic is 32-bit when every offset of the problem fits, 64-bit
+//    otherwise; the only divisions are two per item, none per element.
+// The thresholds sit in LaunchConfig, parsed from ROPE_EXT_CUDA_LAUNCH.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../rope_problem.h"
+
+namespace rope::cuda {
+
+// float64 x is computed in float64, every other dtype in float32.
+template <typename scalar_t>
+using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// N contiguous elements moved as one access: 16 bytes on the vector path.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// The launch heuristics' thresholds (named, so one device call can sweep them).
+struct LaunchConfig {
+  int block_threads = 256;     // threads per block the plan aims at
+  int max_blocks_per_sm = 8;   // persistent grid: at most this many blocks per SM
+  int fill_blocks_per_sm = 2;  // split heads when token-only items give fewer blocks per SM
+  int heads_per_item = 0;      // 0: chosen by the rule above; else forced
+  int index_bits = 0;          // 0: 32 where the problem fits, else 64; 32/64 forces (64 only)
+  int sm_count = 0;            // 0: the device's; else assumed (tests of the grid-stride loop)
+  int vectorize = 1;           // 0: always the scalar path
+};
+
+// What one launch does: the grid, the block, the vector width, the code path.
+struct LaunchPlan {
+  int64_t grid = 1;            // blocks (1-D); they stride over the items
+  int block_x = 1;             // threads across one head's chunks
+  int block_y = 1;             // items per block
+  int vec = 1;                 // elements of x per access (16 bytes' worth, or 1)
+  int table_vec = 1;           // elements of cos/sin per access (1: element by element)
+  bool index64 = false;
+  int64_t heads_per_item = 1;  // all heads of q and k (token items) or fewer (token x head)
+  int64_t groups = 1;          // items per token: ceil(heads / heads_per_item)
+  int64_t items = 0;           // tokens * groups
+};
+
+// ---- the plan: plain functions of the problem, the same on device and host ----
+
+inline bool aligned_to(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// n-element runs of x need unit-stride head_dim, every other stride and both run
+// starts a multiple of n, and n * element-size aligned base pointers.
+inline bool x_vectorizes(const RopeProblem& p, int64_t n, int64_t elem_size) {
+  if (p.half % n != 0) return false;
+  for (int i = 0; i < p.num_x; ++i) {
+    const HeadsDesc& d = p.x[i];
+    if (d.in_sd != 1 || d.out_sd != 1 || d.head_dim % n != 0) return false;
+    if (!aligned_to(d.in, n * elem_size) || !aligned_to(d.out, n * elem_size)) return false;
+    for (int64_t st : {d.in_sb, d.in_ss, d.in_sh, d.out_sb, d.out_ss, d.out_sh}) {
+      if (st % n != 0) return false;
+    }
+  }
+  return true;
+}
+
+// cos/sin in runs of min(n, 16 bytes) per access where every such access is aligned
+// (unit-stride rows, aligned bases and row strides); else element by element (1).
+inline int table_run(const RopeProblem& p, int n, int64_t table_elem_size) {
+  const TableIndex& t = p.table;
+  const int run = static_cast<int>(16 / table_elem_size) < n ? static_cast<int>(16 / table_elem_size) : n;
+  if (run == 1 || t.cos_si != 1 || t.sin_si != 1) return 1;
+  bool ok = aligned_to(p.cos, run * table_elem_size) && aligned_to(p.sin, run * table_elem_size);
+  for (int64_t st : {t.cos_sb, t.cos_ss, t.cos_sp, t.sin_sb, t.sin_ss, t.sin_sp}) {
+    ok = ok && st % run == 0;
+  }
+  return ok ? run : 1;
+}
+
+// The largest offset (in elements) any access of the problem can form.
+inline int64_t largest_offset(const RopeProblem& p) {
+  const int64_t b1 = p.batch - 1, s1 = p.seq - 1;
+  int64_t most = 0;
+  const auto keep = [&](int64_t v) { most = v > most ? v : most; };
+  for (int i = 0; i < p.num_x; ++i) {
+    const HeadsDesc& d = p.x[i];
+    // + head_dim: the tail loop's index may step one block past the last element.
+    keep(b1 * d.in_sb + s1 * d.in_ss + (d.heads - 1) * d.in_sh + 2 * d.head_dim * d.in_sd);
+    keep(b1 * d.out_sb + s1 * d.out_ss + (d.heads - 1) * d.out_sh + 2 * d.head_dim * d.out_sd);
+  }
+  const TableIndex& t = p.table;
+  keep(b1 * t.pos_sb + s1 * t.pos_ss);
+  keep(b1 * t.cos_sb + s1 * t.cos_ss + t.rows * t.cos_sp + p.half * t.cos_si);
+  keep(b1 * t.sin_sb + s1 * t.sin_ss + t.rows * t.sin_sp + p.half * t.sin_si);
+  return most;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t pow2_at_least(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+inline int64_t total_heads(const RopeProblem& p) {
+  return p.x[0].heads + (p.num_x > 1 ? p.x[1].heads : 0);
+}
+
+// elem_size / table_elem_size: bytes of one element of x and of cos/sin.
+inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int sm_count,
+                              int64_t elem_size, int64_t table_elem_size) {
+  LaunchPlan plan;
+  const int64_t vec = 16 / elem_size;
+  plan.vec = (cfg.vectorize != 0 && x_vectorizes(p, vec, elem_size)) ? static_cast<int>(vec) : 1;
+  plan.table_vec = table_run(p, plan.vec, table_elem_size);
+
+  // Threads across a head: enough for its chunks of pairs, or its pass-through tail.
+  int64_t max_dim = p.x[0].head_dim;
+  if (p.num_x > 1 && p.x[1].head_dim > max_dim) max_dim = p.x[1].head_dim;
+  const int64_t chunks = p.half / plan.vec;
+  const int64_t tail_chunks = (max_dim - 2 * p.half + plan.vec - 1) / plan.vec;
+  const int64_t threads = cfg.block_threads < 1 ? 1 : cfg.block_threads;
+  const int64_t bx = pow2_at_least(chunks > tail_chunks ? chunks : tail_chunks);
+  plan.block_x = static_cast<int>(bx < threads ? bx : threads);
+  const int64_t by = threads / plan.block_x;
+  plan.block_y = static_cast<int>(by < 1 ? 1 : by);
+
+  const int64_t tokens = p.batch * p.seq;
+  const int64_t heads = total_heads(p);
+  const int64_t sms = cfg.sm_count > 0 ? cfg.sm_count : (sm_count > 0 ? sm_count : 1);
+  if (cfg.heads_per_item > 0) {
+    plan.heads_per_item = cfg.heads_per_item < heads ? cfg.heads_per_item : heads;
+  } else {
+    const int64_t token_blocks = ceil_div(tokens, plan.block_y);
+    const int64_t want_blocks = sms * cfg.fill_blocks_per_sm;
+    if (token_blocks >= want_blocks || heads <= 1) {
+      plan.heads_per_item = heads;
+    } else {
+      const int64_t splits = ceil_div(want_blocks, token_blocks);
+      plan.heads_per_item = ceil_div(heads, splits < heads ? splits : heads);
+    }
+  }
+  if (plan.heads_per_item < 1) plan.heads_per_item = 1;
+  plan.groups = ceil_div(heads, plan.heads_per_item);
+  plan.items = tokens * plan.groups;
+  // Few items: no more item rows per block than there are items.
+  if (plan.items < plan.block_y) plan.block_y = static_cast<int>(plan.items < 1 ? 1 : plan.items);
+  const int64_t blocks = ceil_div(plan.items, plan.block_y);
+  const int64_t cap = sms * (cfg.max_blocks_per_sm < 1 ? 1 : cfg.max_blocks_per_sm);
+  plan.grid = blocks < cap ? blocks : cap;
+  if (plan.grid < 1) plan.grid = 1;
+
+  // 32-bit indices when every offset and the item loop (item + stride) fit.
+  const int64_t stride = plan.grid * plan.block_y;
+  const int64_t int32_max = std::numeric_limits<int32_t>::max();
+  plan.index64 = cfg.index_bits == 64 || largest_offset(p) >= int32_max ||
+                 plan.items + stride >= int32_max || tokens >= int32_max;
+  return plan;
+}
+
+// Head h of token (b, s): q's heads first, then k's (h - heads0). Where it is read
+// from and written to, and the head_dim strides.
+template <typename scalar_t, typename Index>
+struct HeadView {
+  const scalar_t* x;
+  scalar_t* y;
+  Index sd_in, sd_out, head_dim;
+  bool in_place;
+
+  ROPE_HD HeadView(const RopeProblem& p, Index heads0, Index h, Index b, Index s) {
+    const bool is_q = h < heads0;
+    const HeadsDesc& d = is_q ? p.x[0] : p.x[1];
+    const Index hh = is_q ? h : h - heads0;
+    x = static_cast<const scalar_t*>(d.in) + b * static_cast<Index>(d.in_sb) +
+        s * static_cast<Index>(d.in_ss) + hh * static_cast<Index>(d.in_sh);
+    y = static_cast<scalar_t*>(d.out) + b * static_cast<Index>(d.out_sb) +
+        s * static_cast<Index>(d.out_ss) + hh * static_cast<Index>(d.out_sh);
+    sd_in = static_cast<Index>(d.in_sd);
+    sd_out = static_cast<Index>(d.out_sd);
+    head_dim = static_cast<Index>(d.head_dim);
+    in_place = d.in == d.out;
+  }
+};
+
+// ---- the body: what thread (tx, ty) of block `block` does ----
+//
+// Access moves memory: plain loads and stores on the GPU; on the host, loads and
+// stores that assert alignment and count every element stored.
+
+// The widest run of cos/sin one access may move next to an x run of N elements.
+template <typename table_t, int N>
+constexpr int kTableRun = 16 / static_cast<int>(sizeof(table_t)) < N
+                              ? 16 / static_cast<int>(sizeof(table_t)) : N;
+
+template <typename scalar_t, typename table_t, int N, typename Index, typename Access>
+ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index block, Index tx,
+                         Index ty) {
+  using T = opmath_t<scalar_t>;
+  constexpr int TN = kTableRun<table_t, N>;
+  // plan.table_vec is TN (aligned unit-stride rows) or 1: a branch uniform over the launch.
+  const bool table_runs = plan.table_vec > 1;
+  const TableIndex& t = p.table;
+  const Index seq = static_cast<Index>(p.seq);
+  const Index half = static_cast<Index>(p.half);
+  const Index chunks = half / N;
+  const Index heads0 = static_cast<Index>(p.x[0].heads);
+  const Index heads = heads0 + static_cast<Index>(p.num_x > 1 ? p.x[1].heads : 0);
+  const Index groups = static_cast<Index>(plan.groups);
+  const Index per_item = static_cast<Index>(plan.heads_per_item);
+  const Index items = static_cast<Index>(plan.items);
+  const Index stride = static_cast<Index>(plan.grid) * plan.block_y;
+  const bool has_positions = t.pos32 != nullptr || t.pos64 != nullptr;
+  const T sign = p.inverse ? T(-1) : T(1);
+
+  for (Index item = block * plan.block_y + ty; item < items; item += stride) {
+    const Index token = item / groups;
+    const Index group = item - token * groups;
+    const Index b = token / seq;
+    const Index s = token - b * seq;
+    const Index h_begin = group * per_item;
+    const Index h_end = h_begin + per_item < heads ? h_begin + per_item : heads;
+
+    // Without a device sync the range cannot be checked before launch: a token
+    // whose position lies outside the table reads nothing and comes out NaN.
+    const int64_t pos = has_positions ? token_position(t, b, s) : 0;
+    const bool in_table = !has_positions || (pos >= 0 && pos < t.rows);
+    const Index row = in_table ? static_cast<Index>(pos) : 0;
+    const table_t* cos_row = static_cast<const table_t*>(p.cos) +
+        (in_table ? b * static_cast<Index>(t.cos_sb) + s * static_cast<Index>(t.cos_ss) +
+                        row * static_cast<Index>(t.cos_sp) : 0);
+    const table_t* sin_row = static_cast<const table_t*>(p.sin) +
+        (in_table ? b * static_cast<Index>(t.sin_sb) + s * static_cast<Index>(t.sin_ss) +
+                        row * static_cast<Index>(t.sin_sp) : 0);
+
+    for (Index chunk = tx; chunk < chunks; chunk += plan.block_x) {
+      const Index i0 = chunk * N;
+      // This chunk's cos/sin: read once, reused for every head of the item.
+      T c[N], sn[N];
+      if (in_table && table_runs) {
+ROPE_UNROLL
+        for (int j = 0; j < N; j += TN) {
+          const Pack<table_t, TN> cp = Access::template load<table_t, TN>(cos_row + i0 + j);
+          const Pack<table_t, TN> sp = Access::template load<table_t, TN>(sin_row + i0 + j);
+ROPE_UNROLL
+          for (int u = 0; u < TN; ++u) {
+            c[j + u] = static_cast<T>(cp.v[u]);
+            sn[j + u] = sign * static_cast<T>(sp.v[u]);
+          }
+        }
+      } else if (in_table) {
+        const Index cos_si = static_cast<Index>(t.cos_si), sin_si = static_cast<Index>(t.sin_si);
+ROPE_UNROLL
+        for (int j = 0; j < N; ++j) {
+          c[j] = static_cast<T>(Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_si).v[0]);
+          sn[j] = sign * static_cast<T>(Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_si).v[0]);
+        }
+      } else {
+ROPE_UNROLL
+        for (int j = 0; j < N; ++j) c[j] = sn[j] = std::numeric_limits<T>::quiet_NaN();
+      }
+      int64_t lo64, hi64;
+      chunk_offsets(i0, N, half, p.interleaved, lo64, hi64);
+      const Index lo_off = static_cast<Index>(lo64), hi_off = static_cast<Index>(hi64);
+
+      for (Index h = h_begin; h < h_end; ++h) {
+        const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
+        // N > 1 only with unit-stride head_dim (x_vectorizes), so sd is 1 there.
+        const Pack<scalar_t, N> lo_in = Access::template load<scalar_t, N>(v.x + lo_off * v.sd_in);
+        const Pack<scalar_t, N> hi_in = Access::template load<scalar_t, N>(v.x + hi_off * v.sd_in);
+        T lo[N], hi[N];
+ROPE_UNROLL
+        for (int j = 0; j < N; ++j) {
+          lo[j] = static_cast<T>(lo_in.v[j]);
+          hi[j] = static_cast<T>(hi_in.v[j]);
+        }
+        rotate_chunk(lo, hi, c, sn, p.interleaved);
+        Pack<scalar_t, N> lo_out, hi_out;
+ROPE_UNROLL
+        for (int j = 0; j < N; ++j) {
+          lo_out.v[j] = static_cast<scalar_t>(lo[j]);
+          hi_out.v[j] = static_cast<scalar_t>(hi[j]);
+        }
+        Access::template store<scalar_t, N>(v.y + lo_off * v.sd_out, lo_out);
+        Access::template store<scalar_t, N>(v.y + hi_off * v.sd_out, hi_out);
+      }
+    }
+
+    // x[r:] of the functional op is copied; in place it already is where it belongs.
+    for (Index h = h_begin; h < h_end; ++h) {
+      const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
+      if (v.in_place) continue;
+      for (Index e = 2 * half + tx * N; e < v.head_dim; e += plan.block_x * N) {
+        Access::template store<scalar_t, N>(v.y + e * v.sd_out,
+                                            Access::template load<scalar_t, N>(v.x + e * v.sd_in));
+      }
+    }
+  }
+}
+
+// ---- from the problem's dtypes and the plan to one instantiation ----
+//
+// Runner::template run<scalar_t, table_t, N, Index>(problem, plan) launches it (on
+// the GPU) or executes it (on the host). The adapter admits float32, float64 and
+// x's own dtype for the table, so only those are instantiated.
+
+template <typename scalar_t, typename table_t, typename Runner>
+void dispatch_vec(const RopeProblem& p, const LaunchPlan& plan, Runner& runner) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+  if (plan.vec == kVec) {
+    if (plan.index64) return runner.template run<scalar_t, table_t, kVec, int64_t>(p, plan);
+    return runner.template run<scalar_t, table_t, kVec, int32_t>(p, plan);
+  }
+  if (plan.index64) return runner.template run<scalar_t, table_t, 1, int64_t>(p, plan);
+  return runner.template run<scalar_t, table_t, 1, int32_t>(p, plan);
+}
+
+template <typename scalar_t, typename Runner>
+void dispatch_table(const RopeProblem& p, const LaunchPlan& plan, Runner& runner) {
+  switch (p.table_dtype) {
+    case c10::ScalarType::Float:
+      return dispatch_vec<scalar_t, float>(p, plan, runner);
+    case c10::ScalarType::Double:
+      return dispatch_vec<scalar_t, double>(p, plan, runner);
+    default:  // the table has x's dtype (the adapter admits nothing else)
+      if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+        return dispatch_vec<scalar_t, scalar_t>(p, plan, runner);
+      }
+  }
+}
+
+inline int64_t element_size(c10::ScalarType t) {
+  return t == c10::ScalarType::Double ? 8 : t == c10::ScalarType::Float ? 4 : 2;
+}
+
+// Plans the launch and hands the matching instantiation to the runner. The x
+// dtype is one the adapter admits (float32, float64, bfloat16, float16).
+template <typename Runner>
+LaunchPlan plan_and_run(const RopeProblem& p, const LaunchConfig& cfg, int sm_count,
+                        Runner& runner) {
+  const LaunchPlan plan =
+      plan_launch(p, cfg, sm_count, element_size(p.x_dtype), element_size(p.table_dtype));
+  switch (p.x_dtype) {
+    case c10::ScalarType::Float:
+      dispatch_table<float>(p, plan, runner);
+      break;
+    case c10::ScalarType::Double:
+      dispatch_table<double>(p, plan, runner);
+      break;
+    case c10::ScalarType::BFloat16:
+      dispatch_table<c10::BFloat16>(p, plan, runner);
+      break;
+    default:
+      dispatch_table<c10::Half>(p, plan, runner);
+      break;
+  }
+  return plan;
+}
+
+// Parses "key=value,key=value" (keys: the LaunchConfig fields) over `cfg`.
+// Returns an empty string, or what is wrong with `spec`.
+const char* parse_launch_config(const char* spec, LaunchConfig& cfg);
+
+}  // namespace rope::cuda
