@@ -25,7 +25,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(r
 SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py \
                   tests/test_fuzz.py tests/test_threads.py tests/test_cuda.py
 
-.PHONY: demo test build bench cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
+.PHONY: demo test build bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
@@ -68,6 +68,11 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 
 bench: build $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_call.py
+
+# The per-call table alone (decode-sized input; ratios to torch.add in the same run).
+bench-call: build
+	$(PY) benchmarks/bench_call.py
 
 $(VENV_CUDA)/.deps:
 	@echo "==> creating $(VENV_CUDA) with $(CUDA_TORCH_SPEC), the CUDA build (several GB, first run only)"

@@ -30,6 +30,9 @@ import torch
 
 import rope_ext
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_call  # noqa: E402
+
 HQ, HK, D, BASE = 32, 8, 128, 500000.0
 # (label, batch, seq, kind): kind "fwd", "bwd" (the backward alone) or "decode".
 ROWS = [("prefill b=1 s=32768", 1, 32768, "fwd"),
@@ -283,6 +286,11 @@ def main():
         sys.exit("bench_gpu: no CUDA device (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
     data, lines = bench(args)
+    host, kernel = bench_call.measure("cuda")
+    lines += [""] + bench_call.table(host, kernel, "cuda")
+    data["per_call"] = {f"{name} ({'grad' if grad else 'no_grad'})": t * 1e6
+                        for (grad, name), t in host.items()}
+    data["per_call_kernel_us"] = {name: t * 1e6 for name, t in kernel.items()}
     if args.sweep:
         data["sweep"], sweep_lines = sweep()
         lines += sweep_lines

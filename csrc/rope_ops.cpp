@@ -1,10 +1,15 @@
-// The op schemas and their CPU kernels. The CUDA kernels register in
-// cuda/rope_cuda.cu; fake kernels and autograd are registered from Python
-// (rope_ext/_ops.py), next to the wrappers that document them.
+// The op schemas, their CPU kernels and their autograd. The CUDA kernels register
+// in cuda/rope_cuda.cu; the fake kernels (shapes only) are registered from Python
+// (rope_ext/_ops.py). Autograd lives here, in C++, so that a call from Python reaches
+// the kernel without running any Python on the way (a decode step's whole cost on a
+// GPU is this host path).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <Python.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include "cpu/rope_cpu.h"
@@ -43,6 +48,147 @@ void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
                    const at::Tensor& sin, const std::optional<at::Tensor>& positions,
                    bool interleaved, bool inverse) {
   apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse);
+}
+
+// --- autograd of the functional ops: a rotation is orthogonal, so its gradient is
+// the same op with `inverse` flipped (docs/math.md). The backward calls the op
+// through the dispatcher, autograd included, so double backward needs nothing more.
+// cos, sin and positions get no gradient. The graph node is made by hand, as ATen's
+// generated autograd kernels make theirs: torch::autograd::Function would refuse
+// torch.func's transforms.
+
+using ApplyFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, bool, bool);
+using ApplyQkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, bool, bool);
+
+// The op's handle, looked up once (a lookup per call would cost a hash and a lock).
+template <typename Fn>
+const c10::TypedOperatorHandle<Fn>& dispatcher_op(const char* name) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+  return op;
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  return dispatcher_op<ApplyFn>("rope::apply").call(x, cos, sin, positions, interleaved, inverse);
+}
+
+// Backward of apply (one input) or apply_qk (two): each incoming gradient rotated back.
+struct RopeBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable cos, sin, positions;
+  bool interleaved = false, inverse = false;
+
+  std::string name() const override { return "RopeBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const at::Tensor c = cos.unpack(), s = sin.unpack(), p = positions.unpack();
+    const std::optional<at::Tensor> pos = p.defined() ? std::optional<at::Tensor>(p) : std::nullopt;
+    torch::autograd::variable_list out(grads.size());
+    if (grads.size() == 2 && grads[0].defined() && grads[1].defined()) {
+      std::tie(out[0], out[1]) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
+          grads[0], grads[1], c, s, pos, interleaved, !inverse);
+      return out;
+    }
+    // An output nobody used has no gradient, and gives none.
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (grads[i].defined() && should_compute_output(i)) {
+        out[i] = rotate(grads[i], c, s, pos, interleaved, !inverse);
+      }
+    }
+    return out;
+  }
+
+  void release_variables() override {
+    cos.reset_data();
+    sin.reset_data();
+    positions.reset_data();
+  }
+};
+
+// Without a gradient to track (inference, decode under generate) no node is made.
+bool needs_graph(const at::Tensor& x) {
+  return at::GradMode::is_enabled() && x.requires_grad();
+}
+
+// A graph node is held by std::shared_ptr up to torch 2.12 and by c10::intrusive_ptr
+// from 2.13; Edge::function names whichever this torch uses.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename T>
+NodePtr new_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+NodePtr make_node(const at::Tensor& cos, const at::Tensor& sin,
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  NodePtr node = new_node<RopeBackward>();
+  auto* rope = static_cast<RopeBackward*>(node.get());
+  rope->cos = torch::autograd::SavedVariable(cos, false);
+  rope->sin = torch::autograd::SavedVariable(sin, false);
+  rope->positions = torch::autograd::SavedVariable(positions.value_or(at::Tensor()), false);
+  rope->interleaved = interleaved;
+  rope->inverse = inverse;
+  return node;
+}
+
+// Forward mode (torch.func.jvp, torch.autograd.forward_ad): the op is linear in x,
+// so the output's tangent is the input's tangent rotated the same way.
+void set_forward_grad(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
+                      const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                      bool interleaved, bool inverse) {
+  const at::Tensor& tangent = x._fw_grad(/*level=*/0);
+  if (tangent.defined()) {
+    out._set_fw_grad(rotate(tangent, cos, sin, positions, interleaved, inverse), /*level=*/0,
+                     /*is_inplace_op=*/false);
+  }
+}
+
+at::Tensor apply_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::optional<at::Tensor>& positions, bool interleaved,
+                          bool inverse) {
+  NodePtr node;
+  if (needs_graph(x)) {
+    node = make_node(cos, sin, positions, interleaved, inverse);
+    node->set_next_edges(torch::autograd::collect_next_edges(x));
+  }
+  at::Tensor out;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = rotate(x, cos, sin, positions, interleaved, inverse);
+  }
+  if (node) torch::autograd::set_history(out, node);
+  set_forward_grad(out, x, cos, sin, positions, interleaved, inverse);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& cos, const at::Tensor& sin,
+                                                     const std::optional<at::Tensor>& positions,
+                                                     bool interleaved, bool inverse) {
+  NodePtr node;
+  if (needs_graph(q) || needs_graph(k)) {
+    node = make_node(cos, sin, positions, interleaved, inverse);
+    node->set_next_edges(torch::autograd::collect_next_edges(q, k));
+  }
+  at::Tensor q_out, k_out;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(q_out, k_out) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
+        q, k, cos, sin, positions, interleaved, inverse);
+  }
+  if (node) {
+    torch::autograd::set_history(q_out, node);
+    torch::autograd::set_history(k_out, node);
+  }
+  set_forward_grad(q_out, q, cos, sin, positions, interleaved, inverse);
+  set_forward_grad(k_out, k, cos, sin, positions, interleaved, inverse);
+  return {q_out, k_out};
 }
 
 // The in-place ops have no autograd formula (torch.library accepts one only for
@@ -119,9 +265,22 @@ TORCH_LIBRARY(rope_testing, m) {
     return cuda::set_launch_config(std::string(config));
   });
   m.def("last_host_plan() -> str", [] { return cuda::last_host_plan(); });
+  // float32 -> bf16/fp16 as the selected CPU kernel rounds its stores.
+  m.def("narrow_as_stored(Tensor x, ScalarType dtype) -> Tensor",
+        [](const at::Tensor& x, c10::ScalarType dtype) {
+          TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_cpu() && x.is_contiguous(),
+                            "narrow_as_stored: x must be a contiguous float32 CPU tensor");
+          TORCH_CHECK_VALUE(dtype == at::kBFloat16 || dtype == at::kHalf,
+                            "narrow_as_stored: dtype must be bfloat16 or float16");
+          at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+          cpu::narrow_float(x.const_data_ptr<float>(), out.data_ptr(), dtype, x.numel());
+          return out;
+        });
 }
 
 TORCH_LIBRARY_IMPL(rope, Autograd, m) {
+  m.impl("apply", &apply_autograd);
+  m.impl("apply_qk", &apply_qk_autograd);
   m.impl("apply_", &apply_autograd_);
   m.impl("apply_qk_", &apply_qk_autograd_);
 }

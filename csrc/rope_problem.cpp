@@ -61,7 +61,7 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
   static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
   const char* const* name = names[num_x - 1];
   const at::Tensor& x = xs[0];
-  for (int i = 0; i < num_x; ++i) check_x(xs[i], name[i]);
+  // xs were checked with check_x by the caller, before any output was allocated.
   if (num_x == 2) {
     const at::Tensor& k = xs[1];
     TORCH_CHECK_TYPE(k.scalar_type() == x.scalar_type(), "rope: q and k must have the same dtype,"
@@ -258,6 +258,7 @@ at::Tensor apply(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, cons
 
 void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
             const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  check_x(x, "x");
   const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse);
   check_writable(x, "x");
   if (!empty(p)) kernel(p);
@@ -279,6 +280,8 @@ std::tuple<at::Tensor, at::Tensor> apply_qk(Kernel kernel, const at::Tensor& q, 
 void apply_qk_(Kernel kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
                bool inverse) {
+  check_x(q, "q");
+  check_x(k, "k");
   const at::Tensor xs[2] = {q, k};
   const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse);
   check_writable(q, "q");

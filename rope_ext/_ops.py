@@ -1,9 +1,8 @@
-"""Loads the C++ ops and registers what torch needs around them.
+"""Loads the C++ ops and registers their fake kernels.
 
-The fake kernels (shapes for torch.compile and meta tensors) and the autograd
-formulas live here rather than in C++, next to the Python wrappers, because
-torch.library's Python registration is the supported way to make a custom op
-traceable: one definition serves eager, compile and export.
+The fake kernels (shapes for torch.compile, export and meta tensors) live here,
+next to the Python wrappers; they run only while tracing. The autograd formulas
+are in C++ (csrc/rope_ops.cpp) so that an eager call runs no Python on its way.
 """
 
 import os
@@ -63,31 +62,5 @@ def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, in
     return None
 
 
-# --- autograd: a rotation is orthogonal, so its gradient is the op itself with
-# `inverse` flipped (SPEC.md section 1). The backward calls the differentiable op,
-# so double backward needs nothing more. cos, sin and positions get no gradient.
-
-
-def _setup_context(ctx, inputs, output):
-    *_, cos, sin, positions, interleaved, inverse = inputs
-    ctx.save_for_backward(cos, sin, positions)
-    ctx.interleaved = interleaved
-    ctx.inverse = inverse
-
-
-def _apply_backward(ctx, grad):
-    cos, sin, positions = ctx.saved_tensors
-    grad_x = ops.apply(grad, cos, sin, positions, ctx.interleaved, not ctx.inverse)
-    return grad_x, None, None, None, None, None
-
-
-def _apply_qk_backward(ctx, grad_q, grad_k):
-    cos, sin, positions = ctx.saved_tensors
-    grad_q, grad_k = ops.apply_qk(grad_q, grad_k, cos, sin, positions, ctx.interleaved,
-                                  not ctx.inverse)
-    return grad_q, grad_k, None, None, None, None, None
-
-
-torch.library.register_autograd("rope::apply", _apply_backward, setup_context=_setup_context)
-torch.library.register_autograd("rope::apply_qk", _apply_qk_backward,
-                                setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/rope_ops.cpp): the backward of a rotation is
+# the same op with `inverse` flipped, and no Python runs between a call and the kernel.

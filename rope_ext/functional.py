@@ -92,6 +92,10 @@ def apply_rope_qk(
     q and k share the token dimensions and the dtype; their head counts may differ
     (grouped-query attention) and so may their head_dim, as long as both hold r.
     """
+    if (layout == "bshd" and mrope_section is None and not inplace and type(q) is torch.Tensor
+            and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4):
+        # The common call, straight to the op: per call, Python costs more than the kernel.
+        return ops.apply_qk(q, k, cos, sin, positions, interleaved, False)
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
     if mrope_section is not None:

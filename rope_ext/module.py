@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rope_ext import hf_config
+from rope_ext._ops import ops
 from rope_ext.functional import LAYOUTS, apply_rope_qk
 from rope_ext.scaling import dynamic_inv_freq, longrope_inv_freq, rope_type_of
 from rope_ext.tables import cos_sin_table, rope_frequencies
@@ -68,6 +69,10 @@ class RotaryEmbedding(nn.Module):
         self.layout = layout
         self.mrope_section = None if mrope_section is None else list(mrope_section)
         self.mrope_interleaved = mrope_interleaved
+        # A fixed table, no MRoPE, bshd: forward goes straight to the op (per call,
+        # Python is the cost of a decode step's RoPE).
+        self._direct = (self.rope_type not in ("dynamic", "longrope") and mrope_section is None
+                        and layout == "bshd")
         self.attention_factor = attention_factor
         # float64 and on the CPU, not buffers: .half() must not round them.
         self.original_inv_freq = inv_freq
@@ -131,6 +136,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor,
                 positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k (layout as given at construction); positions as in :func:`apply_rope`."""
+        if self._direct and type(q) is torch.Tensor and q.dim() == 4 and type(k) is torch.Tensor:
+            buffers = self._buffers  # not self.cos: Module.__getattr__ is slow
+            cos = buffers["cos"]
+            if positions is None and q.shape[1] > cos.shape[0]:
+                self._too_long(q.shape[1])
+            return ops.apply_qk(q, k, cos, buffers["sin"], positions, self.interleaved, False)
         seq = None
         if q.dim() == 4 and self.layout != "thd":
             seq = q.shape[2 if self.layout == "bhsd" else 1]
@@ -139,11 +150,14 @@ class RotaryEmbedding(nn.Module):
             if needed is not None:
                 self._follow_sequence(needed)
         if positions is None and seq is not None and seq > self.cos.shape[0]:
-            raise ValueError(f"sequence length {seq} exceeds max_positions={self.max_positions} "
-                             f"of this RotaryEmbedding; construct it with a larger max_positions")
+            self._too_long(seq)
         return apply_rope_qk(q, k, self.cos, self.sin, positions, interleaved=self.interleaved,
                              layout=self.layout, mrope_section=self.mrope_section,
                              mrope_interleaved=self.mrope_interleaved)
+
+    def _too_long(self, seq: int) -> None:
+        raise ValueError(f"sequence length {seq} exceeds max_positions={self.max_positions} "
+                         f"of this RotaryEmbedding; construct it with a larger max_positions")
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "

@@ -94,29 +94,51 @@ std::string set_cpu_kernel(const std::string& name) {
   return kNames[requested().exchange(static_cast<int>(want))];
 }
 
-void rope_cpu(const RopeProblem& p) {
+// The instruction set in force: the one asked for, capped to what the machine runs
+// (an instruction set wider than the machine runs is capped to the widest it does)
+// and to what was built.
+Kernel isa_in_force(Kernel want) {
   static const Kernel widest = widest_isa();
+  return built(want == Kernel::kWidest || want == Kernel::kCudaHost ? widest
+                                                                     : std::min(want, widest));
+}
+
+// Calls the entry point `fn` of the namespace of instruction set `isa`.
+#define ROPE_CPU_DISPATCH(isa, fn, ...)              \
+  switch (isa) {                                     \
+    ROPE_CASE_AVX512_BF16(fn, __VA_ARGS__)           \
+    ROPE_CASE_AVX512(fn, __VA_ARGS__)                \
+    ROPE_CASE_AVX2(fn, __VA_ARGS__)                  \
+    default:                                         \
+      return DEFAULT::fn(__VA_ARGS__);               \
+  }
+#if defined(ROPE_EXT_HAVE_AVX512_BF16)
+#define ROPE_CASE_AVX512_BF16(fn, ...) case Kernel::kAvx512Bf16: return AVX512_BF16::fn(__VA_ARGS__);
+#else
+#define ROPE_CASE_AVX512_BF16(fn, ...)
+#endif
+#if defined(ROPE_EXT_HAVE_AVX512)
+#define ROPE_CASE_AVX512(fn, ...) case Kernel::kAvx512: return AVX512::fn(__VA_ARGS__);
+#else
+#define ROPE_CASE_AVX512(fn, ...)
+#endif
+#if defined(ROPE_EXT_HAVE_AVX2)
+#define ROPE_CASE_AVX2(fn, ...) case Kernel::kAvx2: return AVX2::fn(__VA_ARGS__);
+#else
+#define ROPE_CASE_AVX2(fn, ...)
+#endif
+
+void rope_cpu(const RopeProblem& p) {
   const auto want = static_cast<Kernel>(requested().load(std::memory_order_relaxed));
   // The host executor runs the GPU's code, which writes NaN rows instead of raising.
   if (want == Kernel::kCudaHost) return cuda::rope_cuda_host(p);
   check_positions(p);
-  // An instruction set wider than the machine runs is capped to the widest it does.
-  switch (built(want == Kernel::kWidest ? widest : std::min(want, widest))) {
-#if defined(ROPE_EXT_HAVE_AVX512_BF16)
-    case Kernel::kAvx512Bf16:
-      return AVX512_BF16::rope_cpu_kernel(p);
-#endif
-#if defined(ROPE_EXT_HAVE_AVX512)
-    case Kernel::kAvx512:
-      return AVX512::rope_cpu_kernel(p);
-#endif
-#if defined(ROPE_EXT_HAVE_AVX2)
-    case Kernel::kAvx2:
-      return AVX2::rope_cpu_kernel(p);
-#endif
-    default:
-      return DEFAULT::rope_cpu_kernel(p);
-  }
+  ROPE_CPU_DISPATCH(isa_in_force(want), rope_cpu_kernel, p)
+}
+
+void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n) {
+  const auto want = static_cast<Kernel>(requested().load(std::memory_order_relaxed));
+  ROPE_CPU_DISPATCH(isa_in_force(want), narrow_float, in, out, dtype, n)
 }
 
 }  // namespace rope::cpu

@@ -6,11 +6,19 @@
 #include "../rope_problem.h"
 
 namespace rope::cpu {
-namespace DEFAULT { void rope_cpu_kernel(const RopeProblem& p); }
-namespace AVX2 { void rope_cpu_kernel(const RopeProblem& p); }
-namespace AVX512 { void rope_cpu_kernel(const RopeProblem& p); }
+// Each instruction-set variant's entry points (one namespace per CPU_CAPABILITY):
+// the kernel, and its float32 -> bf16/fp16 rounding (for tests/test_narrowing.py).
+#define ROPE_CPU_VARIANT(isa)                                                           \
+  namespace isa {                                                                       \
+  void rope_cpu_kernel(const RopeProblem& p);                                           \
+  void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n);     \
+  }
+ROPE_CPU_VARIANT(DEFAULT)
+ROPE_CPU_VARIANT(AVX2)
+ROPE_CPU_VARIANT(AVX512)
 // AVX-512 plus the BF16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4 and later).
-namespace AVX512_BF16 { void rope_cpu_kernel(const RopeProblem& p); }
+ROPE_CPU_VARIANT(AVX512_BF16)
+#undef ROPE_CPU_VARIANT
 
 // Runs the kernel in force: by default the widest of the four that this processor
 // runs and ATen allows (ATEN_CPU_CAPABILITY caps it, as it does for ATen's own kernels).
@@ -21,4 +29,7 @@ void rope_cpu(const RopeProblem& p);
 // kernel's host executor). Returns the previous choice; an unknown name raises.
 // ROPE_EXT_CPU_KERNEL sets the initial choice.
 std::string set_cpu_kernel(const std::string& name);
+
+// Rounds n float32 values to `dtype` (bf16 or fp16) as the selected kernel's stores do.
+void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n);
 }  // namespace rope::cpu

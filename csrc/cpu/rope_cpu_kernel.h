@@ -14,8 +14,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -63,8 +65,21 @@ struct Block {
 #if defined(ROPE_NATIVE_BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction where ATen's portable rounding takes a dozen: with two cores
-      // the bf16 kernel is otherwise bound by this arithmetic, not by memory.
-      return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      // the bf16 kernel is otherwise bound by this arithmetic, not by memory. But the
+      // instruction flushes subnormal inputs to zero where ATen rounds them; a block
+      // holding one (0 < |x| < 2**-126, rare) takes ATen's rounding, so the two agree
+      // bit for bit (tests/test_narrowing.py sweeps every float32).
+      const __m512 smallest_normal = _mm512_set1_ps(std::numeric_limits<float>::min());
+      const __m512 zero = _mm512_setzero_ps();
+      const __m512 abs_lo = _mm512_abs_ps(lo), abs_hi = _mm512_abs_ps(hi);
+      const __mmask16 subnormal =
+          (_mm512_cmp_ps_mask(abs_lo, smallest_normal, _CMP_LT_OQ) &
+           _mm512_cmp_ps_mask(abs_lo, zero, _CMP_GT_OQ)) |
+          (_mm512_cmp_ps_mask(abs_hi, smallest_normal, _CMP_LT_OQ) &
+           _mm512_cmp_ps_mask(abs_hi, zero, _CMP_GT_OQ));
+      if (subnormal == 0) {
+        return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
     }
 #endif
     return at::vec::convert_from_float<scalar_t>(lo, hi);
@@ -266,7 +281,8 @@ void rope_cpu_typed(const RopeProblem& p) {
                          Block<scalar_t>::kSize;
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> c_buf(padded, T(0)), s_buf(padded, T(0));
+    // On the stack for every head size models use (a heap allocation costs a decode step).
+    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
     if (stream) {
       rope_cpu_tokens<true, scalar_t, table_t>(p, begin, end, c_buf.data(), s_buf.data());
     } else {
@@ -275,6 +291,7 @@ void rope_cpu_typed(const RopeProblem& p) {
   });
 }
 
+// The adapter admits a float32, float64 or x-dtype table, so only those are built.
 template <typename scalar_t>
 void rope_cpu_for_x(const RopeProblem& p) {
   switch (p.table_dtype) {
@@ -282,12 +299,35 @@ void rope_cpu_for_x(const RopeProblem& p) {
       return rope_cpu_typed<scalar_t, float>(p);
     case c10::ScalarType::Double:
       return rope_cpu_typed<scalar_t, double>(p);
-    case c10::ScalarType::BFloat16:
-      return rope_cpu_typed<scalar_t, c10::BFloat16>(p);
-    case c10::ScalarType::Half:
-      return rope_cpu_typed<scalar_t, c10::Half>(p);
     default:
+      if constexpr (kReduced<scalar_t>) {
+        TORCH_CHECK(p.table_dtype == c10::CppTypeToScalarType<scalar_t>::value,
+                    "rope: unsupported table dtype ", p.table_dtype);
+        return rope_cpu_typed<scalar_t, scalar_t>(p);
+      }
       TORCH_CHECK(false, "rope: unsupported table dtype ", p.table_dtype);
+  }
+}
+
+// Rounds n float32 values to bf16 or fp16 exactly as this kernel's stores do, for the
+// test that compares the rounding with ATen's over every float32 bit pattern.
+template <typename scalar_t>
+void narrow_as_stored(const float* in, scalar_t* out, int64_t n) {
+  using B = Block<scalar_t>;
+  using V = typename B::V;
+  for (int64_t i = 0; i < n; i += B::kSize) {
+    const int64_t m = std::min(B::kSize, n - i);
+    const V lo = V::loadu(in + i, static_cast<int>(std::min(m, B::W)));
+    const V hi = m > B::W ? V::loadu(in + i + B::W, static_cast<int>(m - B::W)) : V(0);
+    B::store(out + i, m, lo, hi);
+  }
+}
+
+void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n) {
+  if (dtype == c10::ScalarType::BFloat16) {
+    narrow_as_stored(in, static_cast<c10::BFloat16*>(out), n);
+  } else {
+    narrow_as_stored(in, static_cast<c10::Half*>(out), n);
   }
 }
 
