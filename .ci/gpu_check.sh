@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, for a lent H100/H200 (torch preinstalled):
 #   make gpu-check        (full, about 6-8 min)   make gpu-check-quick   (about 3-4 min)
-# full:  build for sm_90a; tests/test_cuda.py on the GPU; compute-sanitizer memcheck and
-#        racecheck on a reduced set; benchmarks/bench_gpu.py with the peers and the
-#        launch-threshold sweep.
+# full:  build for sm_90a; tests/test_cuda.py on the GPU; benchmarks/bench_gpu.py with the
+#        peers, the launch-threshold sweep and the per-call table; compute-sanitizer
+#        memcheck and racecheck on a reduced set; export and AOTInductor on CUDA.
+#        (In that order: if the call runs out of time, the figures are already in $OUT.)
 # quick: build; tests/test_cuda.py; rope_ext against a device copy (bench_gpu.py --quick).
-# Logs, a markdown table and JSON land in $OUT (default ./gpu-out); a summary prints last.
+# Logs, a markdown table and JSON land in $OUT (default ./gpu-out; at most 8 files, the
+# device call's limit); a summary prints last.
 # Without a GPU it stops at once. Carried wheels (.whl/, `make gpu-wheels`) are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -54,29 +56,38 @@ PY
 note "build: ok after ${SECONDS}s"
 
 step "CUDA tests on the GPU"
-ROPE_TEST_DEVICE=cuda timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+ROPE_TEST_DEVICE=cuda timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   > "$OUT/test_cuda.log" 2>&1
 note "tests/test_cuda.py on the GPU (exit $?): $(tail -1 "$OUT/test_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/test_cuda.log" | head -20
+
+step "GPU benchmark"
+bench_args="--out $OUT"
+[ "$MODE" = full ] && bench_args="$bench_args --sweep" || bench_args="$bench_args --quick"
+timeout 240 "$PY" benchmarks/bench_gpu.py $bench_args > "$OUT/bench_gpu.log" 2>&1
+note "bench_gpu.py (exit $?)"
 
 if [ "$MODE" = full ]; then
   # A reduced matrix: each launch is slow under the sanitizer.
   subset="launch_plans and (bf16 or fp32) or misaligned or outside or fused or 64_bit or replay or stream"
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
-    ROPE_TEST_DEVICE=cuda timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    ROPE_TEST_DEVICE=cuda timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "$subset" \
-      > "$OUT/sanitizer_$tool.log" 2>&1
+      > "/tmp/sanitizer_$tool.log" 2>&1
     rc=$?
-    note "compute-sanitizer $tool (exit $rc): $(grep -E "ERROR SUMMARY" "$OUT/sanitizer_$tool.log" | tail -1) $(grep -E "passed|failed" "$OUT/sanitizer_$tool.log" | tail -1)"
+    # One file for both tools: the device call returns at most 8 files from $OUT.
+    { echo "=== $tool (exit $rc)"; cat "/tmp/sanitizer_$tool.log"; } >> "$OUT/sanitizer.log"
+    note "compute-sanitizer $tool (exit $rc): $(grep -E "ERROR SUMMARY" "/tmp/sanitizer_$tool.log" | tail -1) $(grep -E "passed|failed" "/tmp/sanitizer_$tool.log" | tail -1)"
   done
 fi
 
-step "GPU benchmark"
-bench_args="--out $OUT"
-[ "$MODE" = full ] && bench_args="$bench_args --sweep" || bench_args="$bench_args --quick"
-timeout 330 "$PY" benchmarks/bench_gpu.py $bench_args > "$OUT/bench_gpu.log" 2>&1
-note "bench_gpu.py (exit $?)"
+if [ "$MODE" = full ]; then
+  step "export and AOTInductor on CUDA"
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_export.py -k cuda \
+    > "$OUT/test_export.log" 2>&1
+  note "tests/test_export.py on CUDA (exit $?): $(tail -1 "$OUT/test_export.log")"
+fi
 
 step "summary"
 cat "$OUT/bench_gpu.md" 2>/dev/null || tail -20 "$OUT/bench_gpu.log"

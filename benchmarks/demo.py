@@ -28,7 +28,8 @@ SEQ = 4096
 
 
 def max_pair_error(out, x, cos, sin, positions):
-    """Largest error of any rotated element, in units of its input pair's norm (SPEC section 6)."""
+    """Largest error of any rotated element, in units of its input pair's norm
+    (docs/math.md section 13)."""
     ref = rope(x, cos.double(), sin.double(), positions)
     ia, ib = pair_slots(2 * cos.shape[-1], interleaved=False)
     err = torch.maximum((out.double()[..., ia] - ref[..., ia]).abs(),

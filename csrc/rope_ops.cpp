@@ -51,7 +51,7 @@ void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
 }
 
 // --- autograd of the functional ops: a rotation is orthogonal, so its gradient is
-// the same op with `inverse` flipped (docs/math.md). The backward calls the op
+// the same op with `inverse` flipped (docs/math.md section 5). The backward calls the op
 // through the dispatcher, autograd included, so double backward needs nothing more.
 // cos, sin and positions get no gradient. The graph node is made by hand, as ATen's
 // generated autograd kernels make theirs: torch::autograd::Function would refuse

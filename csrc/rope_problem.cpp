@@ -1,7 +1,7 @@
 // Input checks and the translation of tensors into a RopeProblem.
 //
 // Every rejection names the argument and says what to pass instead: dtype
-// problems raise TypeError, everything else ValueError (API.md section 3).
+// problems raise TypeError, everything else ValueError (docs/api.md section 8).
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 

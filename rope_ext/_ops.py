@@ -64,3 +64,42 @@ def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, in
 
 # Autograd is registered in C++ (csrc/rope_ops.cpp): the backward of a rotation is
 # the same op with `inverse` flipped, and no Python runs between a call and the kernel.
+
+from rope_ext import _vmap  # noqa: E402,F401  (vmap rules; needs the ops registered above)
+
+
+
+def _register_sharding_with_dtensor():
+    """DTensor's sharding rules for the ops, registered when torch.distributed.tensor is
+    loaded: importing it costs about two seconds, which users without DTensor never pay."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    name = "torch.distributed.tensor"
+    if name in sys.modules:
+        from rope_ext import _sharding  # noqa: F401
+        return
+
+    class AfterDTensorImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                from rope_ext import _sharding  # noqa: F401
+
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    sys.meta_path.insert(0, AfterDTensorImport())
+
+
+if torch.distributed.is_available():
+    _register_sharding_with_dtensor()

@@ -25,6 +25,30 @@ def _op_view(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bhsd" else x
 
 
+def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions):
+    """cos, sin, positions for a DTensor x. Plain tensors become replicated DTensors (every
+    rank holds the same table and positions, as a module's buffers and a model's position_ids
+    are), and a missing positions with a [P, r/2] table becomes arange(seq): token s is at
+    position s of the whole sequence, which a shard of the tokens cannot know locally."""
+    if type(xv) is torch.Tensor:
+        return cos, sin, positions
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(xv, DTensor):
+        return cos, sin, positions
+    mesh = xv.device_mesh
+    replicated = [Replicate()] * mesh.ndim
+
+    def as_dtensor(t):
+        if t is None or isinstance(t, DTensor):
+            return t
+        return DTensor.from_local(t, mesh, replicated, run_check=False)
+
+    if positions is None and cos.dim() == 2 and xv.dim() == 4:
+        positions = torch.arange(xv.shape[1], device=xv.device)
+    return as_dtensor(cos), as_dtensor(sin), as_dtensor(positions)
+
+
 def _from_op_view(y: torch.Tensor, layout: str) -> torch.Tensor:
     return y.transpose(1, 2) if layout == "bhsd" else y
 
@@ -68,6 +92,7 @@ def apply_rope(
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
         positions = None
+    cos, sin, positions = _distributed_args(xv, cos, sin, positions)
     if inplace:
         ops.apply_(xv, cos, sin, positions, interleaved, False)
         return x
@@ -101,6 +126,7 @@ def apply_rope_qk(
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
         positions = None
+    cos, sin, positions = _distributed_args(qv, cos, sin, positions)
     if inplace:
         ops.apply_qk_(qv, kv, cos, sin, positions, interleaved, False)
         return q, k

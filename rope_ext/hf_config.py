@@ -1,4 +1,4 @@
-"""Reading a transformers config into RotaryEmbedding's arguments (SPEC.md section 3).
+"""Reading a transformers config into RotaryEmbedding's arguments (docs/math.md section 9.1).
 
 Works on a ``PretrainedConfig`` or a plain dict of its fields, old and new layouts:
 current configs keep everything in ``rope_parameters``; older ones have top-level

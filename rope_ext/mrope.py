@@ -1,4 +1,4 @@
-"""Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; SPEC.md section 4).
+"""Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; docs/math.md section 11).
 
 Each token has three positions (temporal, height, width) and each pair takes its
 angle from one of them. That needs no kernel of its own: gather a per-token table

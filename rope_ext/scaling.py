@@ -1,4 +1,4 @@
-"""Inverse frequencies and attention factor for each Hugging Face rope_type (SPEC.md section 3).
+"""Inverse frequencies and attention factor per Hugging Face rope_type (docs/math.md section 9).
 
 Each rope_type is one function ``f(r, base, cfg) -> (inv_freq, attention_factor)`` in the
 registry ``_TYPES``; ``cfg`` is the scaling dict with transformers' key names and defaults.

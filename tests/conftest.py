@@ -6,6 +6,9 @@ tensors seen through .transpose(1, 2), and head_dim at a non-unit stride. Test m
 import them (`from conftest import build_x`); pytest puts tests/ on sys.path.
 """
 
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -77,7 +80,7 @@ def build_x(layout, storage, batch, seq, heads, head_dim, dtype=torch.float32):
 
 def build_qkv(lead, hq, hk, head_dim, dtype=torch.float32, head_dim_k=None):
     """q, k, v sliced out of one fused projection [*lead, (hq + 2 hk) * d], viewed per head.
-    With head_dim_k, k and v get their own head size (q and k may differ, API.md)."""
+    With head_dim_k, k and v get their own head size (q and k may differ, docs/api.md section 3)."""
     dk = head_dim if head_dim_k is None else head_dim_k
     width = hq * head_dim + 2 * hk * dk
     base = _randn(tuple(lead) + (width,), dtype)
@@ -124,3 +127,30 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world, result_dir, deadline_s, what):
+    """Runs worker(rank, port, result_dir) in `world` spawned processes; fails the test if one
+    raises (with its traceback) or the whole run outlasts deadline_s; each rank must leave
+    result_dir/rank<r>.ok behind."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(free_port(), str(result_dir)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):  # raises if a worker failed, with its traceback
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} workers still running after {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert sorted(os.listdir(result_dir)) == [f"rank{r}.ok" for r in range(world)]

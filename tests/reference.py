@@ -1,9 +1,9 @@
-"""An independent float64 reference for RoPE, written from SPEC.md sections 1, 5 and 6.
+"""An independent float64 reference for RoPE, written from docs/math.md sections 1 to 5, 12 and 13.
 
 Nothing here imports rope_ext: the tests compare the library against this file, so a
 mistake shared by both would have to be made twice, independently.
 
-Conventions (the op's, API.md section 1):
+Conventions (the op's, docs/api.md section 2):
   x is [batch, seq, heads, head_dim] ("bshd", any strides) or [tokens, heads, head_dim] ("thd").
   cos/sin are [P, r/2] (rows picked by positions, or row s for token s), or one row per token,
   [batch | 1, seq, r/2] / [seq, r/2]. r = 2 * cos.size(-1); x[..., r:] passes through.
@@ -84,7 +84,7 @@ def rope(x, cos, sin, positions=None, interleaved=False, inverse=False):
 
 
 def permute_evens_first(x, rotary_dim):
-    """P of SPEC section 1.7: the first r dims reordered evens then odds; the tail stays."""
+    """P of docs/math.md section 2: the first r dims reordered evens then odds; the tail stays."""
     order = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2),
                        torch.arange(rotary_dim, x.shape[-1])])
     return x[..., order]
@@ -100,7 +100,7 @@ def unpermute_evens_first(x, rotary_dim):
     return x[..., order]
 
 
-# --- tolerances (SPEC section 6) ---
+# --- tolerances (docs/math.md section 13) ---
 
 # Allowed error of each output element of a pair, in units of that pair's norm.
 # float32: a*c - b*s rounds the two products and the difference (~3.8 units of
@@ -127,7 +127,7 @@ def assert_pairs_close(out, ref, x, rotary_dim, interleaved, dtype=None, tol=Non
     """Every rotated element within tol * rho of the reference; the tail bit-identical to x.
 
     rho is the larger of the input pair's norm and the reference output pair's norm:
-    SPEC section 6 states the bound on the input norm, and a table whose rows are not
+    docs/math.md section 13 states the bound on the input norm, and a table whose rows are not
     unit length (a rounded table, or an attention factor A) scales the output, where
     the final rounding happens.
     """

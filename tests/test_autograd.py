@@ -1,4 +1,5 @@
-"""Gradients: gradcheck/gradgradcheck in float64, and grad_x = R(-phi) grad_out (SPEC 1 and 5.8)."""
+"""Gradients: gradcheck/gradgradcheck in float64, and grad_x = R(-phi) grad_out
+(docs/math.md sections 5 and 12.8)."""
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_rotary_embedding_forward_backward(interleaved, layout):
 
     q_out, k_out = module(q, k, pos)
 
-    # The module's table: exact float64 values rounded once to float32 (API.md).
+    # The module's table: exact float64 values rounded once to float32 (docs/api.md section 5).
     cos, sin = ref.default_table(r, max_positions)
     cos, sin = cos.float(), sin.float()
 

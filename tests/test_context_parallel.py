@@ -20,16 +20,14 @@ workers are killed and the test fails.
 """
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import rope_ext
+from conftest import run_ranks
 
 WORLD = 2
 DEADLINE_S = 50
@@ -41,12 +39,6 @@ B, S, HQ, HK, D, R = 2, 48, 4, 2, 64, 48
 P = 512
 OFFSETS = (0, 300)  # position of each sequence's first token (a prompt already in the cache)
 THD_LENGTHS = (16, 40, 8)  # packed sequences, each divisible by 2W
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def contiguous_index(seq, rank, world):
@@ -167,16 +159,4 @@ def test_index_helpers():
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with the gloo backend is not available")
 def test_context_parallel_shards_match_unsharded(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):  # raises if a worker failed, with its traceback
-            if time.monotonic() > deadline:
-                pytest.fail(f"context-parallel workers still running after {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert sorted(os.listdir(tmp_path)) == [f"rank{r}.ok" for r in range(WORLD)]
+    run_ranks(_worker, WORLD, tmp_path, DEADLINE_S, "context-parallel")

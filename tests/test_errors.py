@@ -1,4 +1,4 @@
-"""Bad input (API.md section 3): every public entry point answers it with a Python exception
+"""Bad input (docs/api.md section 8): every public entry point answers it with a Python exception
 whose message names the argument; nothing crashes, hangs, reads out of bounds or silently
 returns a wrong answer. Empty inputs return empty outputs; NaN and Inf pass through.
 
@@ -429,8 +429,8 @@ def test_unknown_rope_type(scaling):
         rope_ext.RotaryEmbedding(D, scaling=scaling)
 
 
-# Complete dicts of each rope_type (SPEC.md section 3: required keys) and the keys whose absence
-# must be reported.
+# Complete dicts of each rope_type (docs/math.md section 9.1: required keys) and the keys whose
+# absence must be reported.
 COMPLETE = {
     "linear": ({"rope_type": "linear", "factor": 2.0}, ["factor"]),
     "linear(type)": ({"type": "linear", "factor": 2.0}, ["factor"]),

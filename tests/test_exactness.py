@@ -1,4 +1,4 @@
-"""The exactness claim (API.md section 2, SPEC.md section 6), checked as a fact.
+"""The exactness claim (docs/api.md section 4, docs/math.md section 7), checked as a fact.
 
 * cos_sin_table is exact to float32 rounding at positions up to 2**20: every value checked is
   within one float32 ulp of cos/sin of the angle m * theta computed by Python in double.
@@ -165,7 +165,7 @@ def test_rotation_within_one_ulp_near_2_pow_20(big_table, dtype, interleaved):
 # ---------------------------------------------------------------------------------------------
 
 POSITIONS = [10**4, 10**5, 10**6, BIG]
-# SPEC.md section 6 (float32 emulation, r 128): max angle error at these positions.
+# docs/math.md section 7 (float32 emulation, r 128): max angle error at these positions.
 SPEC_ERRORS = {(10000.0, 10**4): 3.2e-4, (10000.0, 10**5): 5.2e-3, (10000.0, 10**6): 0.052,
                (500000.0, 10**6): 0.046, (1e6, 10**6): 0.062}
 
@@ -227,7 +227,7 @@ def test_transformers_angle_error_vs_ours(base):
         # Ours: cos and sin each rounded once to float32 -> angle off by < 2**-23 rad.
         assert ours_err < 2.0**-23, (m, ours_err)
         # transformers' real module has exactly the error of its float32 angle (its float32
-        # cos/sin add ~1e-7), which is what SPEC section 6 computed.
+        # cos/sin add ~1e-7), which is what docs/math.md section 7 tabulates.
         assert abs(hf_err - emu_err) <= 1e-6 + 1e-3 * emu_err, (m, hf_err, emu_err)
         if spec is not None:
             assert 0.5 * spec <= hf_err <= 1.5 * spec, (m, hf_err, spec)

@@ -4,6 +4,8 @@ The backward and the forward-mode tangent of a rotation are rotations (by -phi a
 phi), so every transform's result is checked against ref.rope applied to its input.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -118,3 +120,78 @@ def test_module_and_api_grad_through_torch_func():
     grad_k = torch.func.grad(
         lambda b: rope_ext.apply_rope_qk(q, b, rope.cos, rope.sin, pos)[1].square().sum())(k)
     torch.testing.assert_close(grad_k, 2 * k)
+
+
+# --- vmap: the batching rule folds the vmapped dimension into the op's batch ---
+
+
+def _loop(fn, n, *args_and_dims):
+    """The per-sample reference: fn applied to each sample's slice."""
+    outs = []
+    for i in range(n):
+        outs.append(fn(*[a if d is None else a.select(d, i) for a, d in args_and_dims]))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs))
+    return torch.stack(outs)
+
+
+VMAP_CASES = {
+    # name: (x shape per sample, thd?, positions form, which args are vmapped)
+    "x": ("bshd", "pos_bs", (0, None, None, None)),
+    "x_dim2": ("bshd", "pos_bs", (2, None, None, None)),
+    "x_rows": ("bshd", "rows", (0, None, None, None)),
+    "x_tok_bs": ("bshd", "tok_bs", (0, None, None, None)),
+    "positions": ("bshd", "pos_bs", (0, None, None, 0)),
+    "positions_s": ("bshd", "pos_s", (None, None, None, 0)),
+    "tables": ("bshd", "pos_bs", (0, 0, 0, None)),
+    "tables_no_pos": ("bshd", "rows", (None, 0, 0, None)),
+    "tok_tables": ("bshd", "tok_bs", (0, 0, 0, None)),
+    "all": ("bshd", "pos_1s", (0, 0, 0, 0)),
+    "thd_x": ("thd", "pos_s", (0, None, None, None)),
+    "thd_all": ("thd", "pos_s", (0, 0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(VMAP_CASES))
+@pytest.mark.parametrize("fused", [False, True], ids=["apply", "apply_qk"])
+def test_vmap_batching_rule_matches_a_loop(case, fused):
+    layout, form, dims = VMAP_CASES[case]
+    n = 3
+    thd = layout == "thd"
+    shape_q = (S, HQ, D) if thd else (B, S, HQ, D)
+    shape_k = (S, HK, D) if thd else (B, S, HK, D)
+
+    def batched(shape, dim):
+        if dim is None:  # shared by the samples
+            return torch.randn(shape, dtype=torch.float64)
+        return torch.randn((n,) + shape, dtype=torch.float64).movedim(0, dim)
+
+    q = batched(shape_q, dims[0])
+    k = batched(shape_k, dims[0])
+    tables = [build_table(form, None if thd else B, S, R // 2, torch.float64) for _ in range(n)]
+    cos = torch.stack([t[0] for t in tables]) if dims[1] is not None else tables[0][0]
+    sin = torch.stack([t[1] for t in tables]) if dims[2] is not None else tables[0][1]
+    pos = tables[0][2]
+    if pos is not None and dims[3] is not None:
+        pos = torch.stack([torch.randint(0, cos.shape[-2], pos.shape) for _ in range(n)])
+    pos_dim = dims[3] if pos is not None else None
+    in_dims = (dims[0],) * (2 if fused else 1) + (dims[1], dims[2], pos_dim)
+    xs = (q, k) if fused else (q,)
+    op = ops.apply_qk if fused else ops.apply
+
+    def fn(*a):
+        return op(*a, True, False)
+
+    got = torch.func.vmap(fn, in_dims=in_dims)(*xs, cos, sin, pos)
+    want = _loop(fn, n, *zip(xs + (cos, sin, pos), in_dims))
+    for g, w in zip(got if fused else (got,), want if fused else (want,)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_jacrev_uses_the_batching_rule():
+    q, _, cos, sin, pos = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns; the rule must not
+        jac = torch.func.jacrev(lambda t: ops.apply(t, cos, sin, pos[:1, :1], False, False))(
+            q[:1, :1])
+    assert jac.shape == q[:1, :1].shape * 2

@@ -8,7 +8,7 @@ table form (a [P, r/2] table indexed by int32/int64 positions of every accepted 
 stride, or one row per token), tables in float32, float64 or x's dtype and cut out of wider
 buffers, both pairings, inverse, the functional and the in-place entry points.
 
-Every case must match the reference within SPEC.md section 6 (reference.PAIR_TOL, per pair,
+Every case must match the reference within docs/math.md section 13 (reference.PAIR_TOL, per pair,
 scaled by the pair norm), leave x[..., r:] bit-identical, and the in-place result must be the
 functional result bit for bit, without writing anywhere else in the buffer x lives in.
 
@@ -314,8 +314,8 @@ def test_fuzz_apply_qk_inplace_fused(data):
 @pytest.mark.parametrize("entry", ["op.apply_", "op.apply_qk_", "apply_rope[inplace]"])
 def test_inplace_accepts_empty_broadcast_x(entry):
     """An empty x (zero batch) that came out of expand has zero strides. It has no elements, so
-    none overlap: the in-place call must be a no-op, like every other empty input (API.md section
-    3). torch calls such a tensor contiguous and x.contiguous() returns it unchanged, so the
+    none overlap: the in-place call must be a no-op, like every other empty input (docs/api.md
+    section 8). torch calls such a tensor contiguous and x.contiguous() returns it unchanged, so the
     error's advice ("pass x.contiguous()") cannot help the caller either."""
     cos, sin = ref.default_table(4, 8)
     cos, sin = cos.float(), sin.float()
@@ -339,9 +339,9 @@ def _fused_qk(hq, dq, hk, dk, lead=(2, 3)):
 
 @pytest.mark.parametrize("entry", ["op.apply_qk_", "apply_rope_qk[inplace]"])
 def test_inplace_qk_fused_different_head_dims(entry):
-    """q and k of different head sizes (API.md: "so may their head_dim") cut from one fused
-    projection are disjoint, and the error itself says fused slices are fine: rotate them in place
-    and get the functional result."""
+    """q and k of different head sizes (docs/api.md section 3: "so may their head_dim") cut from
+    one fused projection are disjoint, and the error itself says fused slices are fine: rotate
+    them in place and get the functional result."""
     cos, sin = (t.float() for t in ref.default_table(4, 8))
     _, q, k, v = _fused_qk(hq=2, dq=4, hk=1, dk=6)
     v_before = v.clone()

@@ -1,9 +1,9 @@
 """rope_ext.hf: the drop-in apply_rotary_pos_emb and patch(), checked against transformers itself.
 
 * The function against transformers' Llama (and GPT-NeoX, for partial rotary) function on
-  cos/sin made by transformers' own rotary embedding modules, with SPEC.md section 6's per-pair
-  tolerances: the error of each rotated pair (a, b) is measured as a 2-norm and bounded by a
-  multiple of the input pair's norm rho (cancellation makes elementwise relative error
+  cos/sin made by transformers' own rotary embedding modules, with docs/math.md section 13's
+  per-pair tolerances: the error of each rotated pair (a, b) is measured as a 2-norm and bounded
+  by a multiple of the input pair's norm rho (cancellation makes elementwise relative error
   meaningless). transformers' eager code rounds cos*x, rotate_half(x)*sin and their sum to x's
   dtype, about (2 sqrt 2 + 1) u rho; ours rounds once from float32. Allowed: 8u (float32,
   u = 2^-24), 4u (bf16, u = 2^-8; fp16, u = 2^-11), times the attention factor A folded into

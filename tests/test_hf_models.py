@@ -3,7 +3,7 @@
 For each family (small sizes, realistic head_dim; nothing is downloaded) the test builds the
 family's config, transformers' rotary module for it and that modeling file's apply function,
 used the way the family's attention code uses it (partial-rotary slicing included), then checks
-(SPEC.md sections 2, 3, 4, 6, 7):
+(docs/math.md sections 7, 8, 9, 11, 13 and 14):
 
 a) our inv_freq (float64) equals transformers' float32 inv_freq to its float32 rounding, and the
    attention factors agree;
@@ -13,17 +13,17 @@ c) dynamic NTK and LongRoPE follow the sequence the way transformers' modules do
 d) .to(torch.bfloat16) leaves our table float32 (and the rotation unchanged).
 
 Tolerances (per rotated pair, scaled by the pair norm rho of the input and by the attention
-factor A, SPEC.md section 6). transformers' angle is fl32(theta_hf * m), theta_hf its float32
-inv_freq (m < 2**24 is exact in float32), so it is off the exact angle theta * m by at most
+factor A, docs/math.md section 13.5). transformers' angle is fl32(theta_hf * m), theta_hf its
+float32 inv_freq (m < 2**24 is exact in float32), so it is off the exact angle theta * m by at most
 
     delta = m * |theta_hf - theta| + 2**-24 * m * theta_hf          (inv_freq rounding + product)
 
 radians, and rotating a pair by an angle off by delta moves it by at most delta * rho. On top:
 float32 outputs 16 * 2**-24 * rho (both tables rounded to float32, transformers' float32 cos/sin
 evaluation, its three eager roundings, our kernel's 4 * 2**-24); bf16 outputs 4 * 2**-8 * rho
-(SPEC: transformers rounds cos, sin, both products and the sum to bf16). The pass-through tail
-must be bit-identical. Positions stay below 4096 (6000 for LongRoPE's long table), where delta is
-at most a few 1e-4 rad.
+(docs/math.md section 13.5: transformers rounds cos, sin, both products and the sum to bf16).
+The pass-through tail must be bit-identical. Positions stay below 4096 (6000 for LongRoPE's long
+table), where delta is at most a few 1e-4 rad.
 """
 
 import copy
@@ -787,8 +787,8 @@ def test_cast_then_dynamic_growth_stays_float32():
 
 
 def test_transformers_cast_is_the_hazard_we_avoid():
-    """For contrast: transformers' module cast to bf16 rounds inv_freq to bf16 (SPEC section 2),
-    so its angles at position 4000 are off by radians; ours stays exact."""
+    """For contrast: transformers' module cast to bf16 rounds inv_freq to bf16 (docs/math.md
+    section 8), so its angles at position 4000 are off by radians; ours stays exact."""
     family = BY_NAME["llama2"]
     cfg = family.make_config()
     hf = hf_rotary(family, cfg).to(torch.bfloat16)

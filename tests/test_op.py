@@ -1,6 +1,6 @@
 """torch.ops.rope.apply / apply_ / apply_qk / apply_qk_ against the float64 reference.
 
-Every result is compared with tests/reference.py (SPEC.md section 6 tolerances, per pair,
+Every result is compared with tests/reference.py (docs/math.md section 13 tolerances, per pair,
 scaled by the pair's norm); only the in-place-vs-functional and qk-vs-two-calls checks
 compare the library with itself.
 """
@@ -134,8 +134,8 @@ def test_table_dtypes(interleaved, form, case):
     out = ops.apply(s.op, cos, sin, pos, interleaved)
     tol = None
     if x_dtype == torch.float32 and table_dtype == torch.float64:
-        # The arithmetic is float32 (API.md), so the kernel rounds the float64 table once more:
-        # up to sqrt(2) * 2^-24 * rho on top of the float32 arithmetic bound.
+        # The arithmetic is float32 (docs/api.md section 2), so the kernel rounds the float64
+        # table once more: up to sqrt(2) * 2^-24 * rho on top of the float32 arithmetic bound.
         tol = 6 * 2.0 ** -24
     ref.assert_pairs_close(out, ref.rope(s.op, cos, sin, pos, interleaved), s.op, r,
                            interleaved, tol=tol)
@@ -338,7 +338,7 @@ def test_other_cpu_kernels(capability):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
-# --- NaN and Inf stay inside their pair (SPEC section 5.6) ---
+# --- NaN and Inf stay inside their pair (docs/math.md section 12.6) ---
 
 
 @pytest.mark.parametrize("storage", ["contiguous", "strided"])

@@ -1,4 +1,4 @@
-"""SPEC.md section 5: the algebraic properties of RoPE, checked on the op's results.
+"""docs/math.md section 12: the algebraic properties of RoPE, checked on the op's results.
 
 These need no reference rotation: each property is an identity between op results (or
 between an op result and its input) that any correct rotation satisfies. Tables come

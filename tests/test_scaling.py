@@ -1,4 +1,5 @@
-"""rope_frequencies for every rope_type against transformers' own functions (SPEC.md section 3).
+"""rope_frequencies for every rope_type against transformers' own functions
+(docs/math.md section 9).
 
 transformers builds inv_freq in float32; ours is float64. They agree to the rounding
 transformers' float32 arithmetic loses, which the tolerance below spells out:
@@ -9,7 +10,7 @@ transformers' float32 arithmetic loses, which the tolerance below spells out:
   about half an ulp: together at most ``8 * 2**-24`` relative (measured: at most 6.1).
 
 Attention factors are Python floats in both, computed by the same formulas: they agree to
-1e-12. The worked numbers of SPEC section 3 are checked independently of transformers.
+1e-12. The worked numbers of docs/math.md section 9 are checked independently of transformers.
 """
 
 import math
@@ -323,7 +324,7 @@ def test_longrope_tables_match_transformers(head_dim, prf, short, long, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
-# The worked numbers of SPEC section 3, independent of transformers
+# The worked numbers of docs/math.md section 9, independent of transformers
 # ---------------------------------------------------------------------------------------------
 
 

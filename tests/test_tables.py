@@ -72,7 +72,7 @@ def test_table_matches_math(dtype):
 
 
 def test_large_positions_float32_exact():
-    """float32 tables are exact at large positions (SPEC 6), unlike a float32 angle.
+    """float32 tables are exact at large positions (docs/math.md section 7), unlike a float32 angle.
 
     Rows up to 2**20 are read from a real table (r = 4, so 2**20 + 1 rows are cheap). Rows
     2**24 + 1 and 2**31 - 1 would need a table of 2**31 rows; instead row 1 of a table whose

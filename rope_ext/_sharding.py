@@ -1,0 +1,77 @@
+"""DTensor sharding rules for the four ops: q and k may arrive sharded by batch, by heads or by
+tokens (tensor, sequence, context and data parallel), and rotate shard by shard.
+
+Each rule lists the placements under which the local op on each shard computes that shard of
+the global result (docs/api.md, "Distributed"):
+  - everything replicated;
+  - x sharded by batch, with whatever of positions and the table has a batch dimension;
+  - x sharded by heads (tensor parallel; q and k may hold different head counts), the rest
+    replicated;
+  - x sharded by tokens together with positions, the [P, r/2] table replicated (it is indexed
+    by the positions, which are global), or together with a per-token table.
+Never sharded on head_dim. A token shard without positions and with a [P, r/2] table is not
+offered: each shard would rotate its local row indices as if they were global positions, so
+DTensor redistributes x instead (to a batch or head sharding, or replicated) and the result
+stays right.
+"""
+
+import torch
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.experimental import register_sharding
+
+ops = torch.ops.rope
+R = Replicate()
+
+
+def _rules(xs, cos, sin, positions):
+    """[(x placement, cos, sin, positions placement)] for x of xs[0]'s rank."""
+    packed = xs[0].ndim == 3  # [tokens, heads, head_dim]
+    per_token = positions is None and cos.ndim == 3  # [batch | 1, seq, r/2]
+    no_pos = None if positions is None else R
+    rules = [(R, R, R, no_pos)]
+    if packed:
+        if positions is not None:  # positions [tokens], the table indexed by them
+            rules.append((Shard(0), R, R, Shard(0)))
+        rules.append((Shard(1), R, R, no_pos))
+        return rules
+    batch, seq = xs[0].shape[0], xs[0].shape[1]
+    # By batch: what has a batch dimension of size batch > 1 is split along with x.
+    pos_b = no_pos if positions is None or positions.ndim == 1 or positions.shape[0] == 1 \
+        else Shard(0)
+    table_b = Shard(0) if per_token and cos.shape[0] == batch and batch > 1 else R
+    rules.append((Shard(0), table_b, table_b, pos_b))
+    # By heads: everything else replicated.
+    rules.append((Shard(2), R, R, no_pos))
+    # By tokens.
+    if positions is not None:
+        rules.append((Shard(1), R, R, Shard(positions.ndim - 1)))
+    elif per_token:
+        rules.append((Shard(1), Shard(1), Shard(1), None))
+    elif cos.shape[0] == seq:  # a [seq, r/2] table is one row per token
+        rules.append((Shard(1), Shard(0), Shard(0), None))
+    return rules
+
+
+@register_sharding(ops.apply.default)
+def _apply_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    return [([xp], [xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
+            _rules([x], cos, sin, positions)]
+
+
+@register_sharding(ops.apply_.default)
+def _apply_inplace_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    return [([], [xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
+            _rules([x], cos, sin, positions)]
+
+
+@register_sharding(ops.apply_qk.default)
+def _apply_qk_sharding(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
+    return [([xp, xp], [xp, xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
+            _rules([q, k], cos, sin, positions)]
+
+
+@register_sharding(ops.apply_qk_.default)
+def _apply_qk_inplace_sharding(q, k, cos, sin, positions=None, interleaved=False,
+                               inverse=False):
+    return [([], [xp, xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
+            _rules([q, k], cos, sin, positions)]
