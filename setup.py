@@ -137,6 +137,11 @@ class BuildExt(cpp_extension.BuildExtension):
         self.compiler.compile = parallel_compile
         try:
             super().build_extension(ext)
+            # Beside the library: in the source tree for an in-place or editable build
+            # (where `import rope_ext` finds it), else in the build folder (-b, wheels).
+            in_tree = getattr(self, "inplace", False) or getattr(self, "editable_mode", False)
+            write_build_info(os.path.join(HERE, "rope_ext") if in_tree
+                             else os.path.dirname(self.get_ext_fullpath(ext.name)))
         finally:
             self.compiler._compile = inner
             self.compiler.compile = serial_compile
@@ -176,6 +181,18 @@ def extension():
         "--expt-relaxed-constexpr", "-lineinfo", "-fmad=false", "-Xcompiler", "-fopenmp",
     ] + [f"-DROPE_EXT_HAVE_{n.upper()}" for n in isas]
     return cpp_extension.CUDAExtension(**kwargs)
+
+
+def write_build_info(folder):
+    """_build_info.py beside the built library: the torch (and CUDA) it is built against,
+    which the import error names next to the torch it finds (a binary loads only beside
+    the torch it was built for)."""
+    import torch
+
+    cuda = torch.version.cuda if want_cuda() else None
+    with open(os.path.join(folder, "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py when it built _C."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\nCUDA_VERSION = {cuda!r}\n")
 
 
 setup(

@@ -46,7 +46,7 @@ if ! (cd "$build_dir" && TORCH_CUDA_ARCH_LIST=9.0a ROPE_EXT_CUDA=1 ROPE_EXT_CPU_
   grep -E "error" "$OUT/build.log" | head -30
   note "build: FAILED (see $OUT/build.log)"; exit 1
 fi
-cp "$build_dir"/out/rope_ext/_C*.so rope_ext/
+cp "$build_dir"/out/rope_ext/_C*.so "$build_dir"/out/rope_ext/_build_info.py rope_ext/
 "$PY" - <<'PY' | tee -a "$SUMMARY"
 import torch, rope_ext
 p = torch.cuda.get_device_properties(0)

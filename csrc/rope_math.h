@@ -6,6 +6,7 @@
 // at::vec::Vectorized<float> on the CPU, which overloads the same operators.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -35,7 +36,23 @@ struct TableIndex {
   int64_t cos_sb = 0, cos_ss = 0, cos_sp = 0, cos_si = 1;
   int64_t sin_sb = 0, sin_ss = 0, sin_sp = 0, sin_si = 1;
   int64_t rows = 0;                // table rows P (positions must lie in [0, P))
+  // Set (with positions): a position in [P, 2**31) gets the row cos_sin_table would
+  // hold, A cos(pos theta_i) and A sin(pos theta_i) in float64, computed in the kernel.
+  const double* inv_freq = nullptr;
+  double attention = 1.0;
 };
+
+// Positions past the table are computed only below this bound (API: any position < 2**31).
+constexpr int64_t kMaxComputedPosition = int64_t{1} << 31;
+
+// The table value for position pos and pair i, as cos_sin_table makes it: the angle and
+// its cos/sin in float64, times A, rounded once to the table's dtype by the caller.
+ROPE_HD void computed_row_value(const TableIndex& t, int64_t pos, int64_t i, double& c,
+                                double& s) {
+  const double angle = static_cast<double>(pos) * t.inv_freq[i];
+  c = t.attention * cos(angle);
+  s = t.attention * sin(angle);
+}
 
 ROPE_HD int64_t token_position(const TableIndex& t, int64_t b, int64_t s) {
   const int64_t off = b * t.pos_sb + s * t.pos_ss;

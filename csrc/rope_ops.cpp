@@ -28,26 +28,26 @@ namespace rope {
 namespace {
 
 at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
-  return apply(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse);
+                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  return apply(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 void apply_cpu_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
-  apply_(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse);
+                const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  apply_(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_qk_cpu(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& cos, const at::Tensor& sin,
                                                 const std::optional<at::Tensor>& positions,
-                                                bool interleaved, bool inverse) {
-  return apply_qk(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse);
+                                                bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  return apply_qk(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                    const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                   bool interleaved, bool inverse) {
-  apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse);
+                   bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 // --- autograd of the functional ops: a rotation is orthogonal, so its gradient is
@@ -58,10 +58,12 @@ void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
 // torch.func's transforms.
 
 using ApplyFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, bool, bool);
+                           const std::optional<at::Tensor>&, bool, bool,
+                           const std::optional<at::Tensor>&, double);
 using ApplyQkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
-                                                     const std::optional<at::Tensor>&, bool, bool);
+                                                     const std::optional<at::Tensor>&, bool, bool,
+                                                     const std::optional<at::Tensor>&, double);
 
 // The op's handle, looked up once (a lookup per call would cost a hash and a lock).
 template <typename Fn>
@@ -71,30 +73,33 @@ const c10::TypedOperatorHandle<Fn>& dispatcher_op(const char* name) {
 }
 
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
-  return dispatcher_op<ApplyFn>("rope::apply").call(x, cos, sin, positions, interleaved, inverse);
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  return dispatcher_op<ApplyFn>("rope::apply").call(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 // Backward of apply (one input) or apply_qk (two): each incoming gradient rotated back.
 struct RopeBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable cos, sin, positions;
+  torch::autograd::SavedVariable cos, sin, positions, inv_freq;
   bool interleaved = false, inverse = false;
+  double attention_factor = 1.0;
 
   std::string name() const override { return "RopeBackward"; }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     const at::Tensor c = cos.unpack(), s = sin.unpack(), p = positions.unpack();
+    const at::Tensor f = inv_freq.unpack();
     const std::optional<at::Tensor> pos = p.defined() ? std::optional<at::Tensor>(p) : std::nullopt;
+    const std::optional<at::Tensor> freq = f.defined() ? std::optional<at::Tensor>(f) : std::nullopt;
     torch::autograd::variable_list out(grads.size());
     if (grads.size() == 2 && grads[0].defined() && grads[1].defined()) {
       std::tie(out[0], out[1]) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
-          grads[0], grads[1], c, s, pos, interleaved, !inverse);
+          grads[0], grads[1], c, s, pos, interleaved, !inverse, freq, attention_factor);
       return out;
     }
     // An output nobody used has no gradient, and gives none.
     for (size_t i = 0; i < grads.size(); ++i) {
       if (grads[i].defined() && should_compute_output(i)) {
-        out[i] = rotate(grads[i], c, s, pos, interleaved, !inverse);
+        out[i] = rotate(grads[i], c, s, pos, interleaved, !inverse, freq, attention_factor);
       }
     }
     return out;
@@ -104,6 +109,7 @@ struct RopeBackward : public torch::autograd::Node {
     cos.reset_data();
     sin.reset_data();
     positions.reset_data();
+    inv_freq.reset_data();
   }
 };
 
@@ -126,14 +132,16 @@ NodePtr new_node() {
 }
 
 NodePtr make_node(const at::Tensor& cos, const at::Tensor& sin,
-                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   NodePtr node = new_node<RopeBackward>();
   auto* rope = static_cast<RopeBackward*>(node.get());
   rope->cos = torch::autograd::SavedVariable(cos, false);
   rope->sin = torch::autograd::SavedVariable(sin, false);
   rope->positions = torch::autograd::SavedVariable(positions.value_or(at::Tensor()), false);
+  rope->inv_freq = torch::autograd::SavedVariable(inv_freq.value_or(at::Tensor()), false);
   rope->interleaved = interleaved;
   rope->inverse = inverse;
+  rope->attention_factor = attention_factor;
   return node;
 }
 
@@ -141,53 +149,54 @@ NodePtr make_node(const at::Tensor& cos, const at::Tensor& sin,
 // so the output's tangent is the input's tangent rotated the same way.
 void set_forward_grad(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
                       const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                      bool interleaved, bool inverse) {
+                      bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const at::Tensor& tangent = x._fw_grad(/*level=*/0);
   if (tangent.defined()) {
-    out._set_fw_grad(rotate(tangent, cos, sin, positions, interleaved, inverse), /*level=*/0,
+    out._set_fw_grad(rotate(tangent, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor), /*level=*/0,
                      /*is_inplace_op=*/false);
   }
 }
 
 at::Tensor apply_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                           const std::optional<at::Tensor>& positions, bool interleaved,
-                          bool inverse) {
+                          bool inverse, const std::optional<at::Tensor>& inv_freq,
+                          double attention_factor) {
   NodePtr node;
   if (needs_graph(x)) {
-    node = make_node(cos, sin, positions, interleaved, inverse);
+    node = make_node(cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
     node->set_next_edges(torch::autograd::collect_next_edges(x));
   }
   at::Tensor out;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = rotate(x, cos, sin, positions, interleaved, inverse);
+    out = rotate(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   }
   if (node) torch::autograd::set_history(out, node);
-  set_forward_grad(out, x, cos, sin, positions, interleaved, inverse);
+  set_forward_grad(out, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& cos, const at::Tensor& sin,
                                                      const std::optional<at::Tensor>& positions,
-                                                     bool interleaved, bool inverse) {
+                                                     bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   NodePtr node;
   if (needs_graph(q) || needs_graph(k)) {
-    node = make_node(cos, sin, positions, interleaved, inverse);
+    node = make_node(cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
     node->set_next_edges(torch::autograd::collect_next_edges(q, k));
   }
   at::Tensor q_out, k_out;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::tie(q_out, k_out) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
-        q, k, cos, sin, positions, interleaved, inverse);
+        q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   }
   if (node) {
     torch::autograd::set_history(q_out, node);
     torch::autograd::set_history(k_out, node);
   }
-  set_forward_grad(q_out, q, cos, sin, positions, interleaved, inverse);
-  set_forward_grad(k_out, k, cos, sin, positions, interleaved, inverse);
+  set_forward_grad(q_out, q, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  set_forward_grad(k_out, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   return {q_out, k_out};
 }
 
@@ -202,21 +211,21 @@ void check_no_grad(const at::Tensor& x, const char* name) {
 }
 
 void apply_autograd_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_no_grad(x, "x");
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rope::apply_", "")
                              .typed<decltype(apply_cpu_)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(x, cos, sin, positions, interleaved, inverse);
+    op.call(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   }
   x.unsafeGetTensorImpl()->bump_version();
 }
 
 void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                         const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                        bool interleaved, bool inverse) {
+                        bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_no_grad(q, "q");
   check_no_grad(k, "k");
   static const auto op = c10::Dispatcher::singleton()
@@ -224,7 +233,7 @@ void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tens
                              .typed<decltype(apply_qk_cpu_)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(q, k, cos, sin, positions, interleaved, inverse);
+    op.call(q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   }
   q.unsafeGetTensorImpl()->bump_version();
   k.unsafeGetTensorImpl()->bump_version();
@@ -235,16 +244,22 @@ void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tens
 TORCH_LIBRARY(rope, m) {
   // Rotates x [batch, seq, heads, head_dim] or [tokens, heads, head_dim] by the
   // table cos/sin [P, r/2] (rows picked by positions) or [batch|1, seq, r/2].
+  // inv_freq (float64 [r/2], with positions): a position past the table's rows gets the
+  // row cos_sin_table(inv_freq, ..., attention_factor) would hold, computed in the kernel,
+  // instead of an error (CPU) or NaN (CUDA). RotaryEmbedding passes it.
   m.def("apply(Tensor x, Tensor cos, Tensor sin, Tensor? positions=None, bool interleaved=False, "
-        "bool inverse=False) -> Tensor");
+        "bool inverse=False, Tensor? inv_freq=None, float attention_factor=1.0) -> Tensor");
   // The same, in place on x.
   m.def("apply_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False) -> ()");
+        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+        "float attention_factor=1.0) -> ()");
   // q and k in one pass: each table row is read once per token for both.
   m.def("apply_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False) -> (Tensor, Tensor)");
+        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+        "float attention_factor=1.0) -> (Tensor, Tensor)");
   m.def("apply_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False) -> ()");
+        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+        "float attention_factor=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rope, CPU, m) {

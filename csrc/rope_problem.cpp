@@ -6,6 +6,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -57,7 +58,8 @@ HeadsDesc describe(const at::Tensor& x, const at::Tensor& out) {
 RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
                          const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& positions, bool interleaved,
-                         bool inverse) {
+                         bool inverse, const std::optional<at::Tensor>& inv_freq,
+                         double attention_factor) {
   static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
   const char* const* name = names[num_x - 1];
   const at::Tensor& x = xs[0];
@@ -137,8 +139,24 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
     t.pos_ss = pos.stride(-1);
     t.pos_sb = (pos.dim() == 2 && pos.size(0) > 1) ? pos.stride(0) : 0;
     t.cos_sp = cos.stride(0);
+    if (inv_freq.has_value()) {
+      const at::Tensor& f = *inv_freq;
+      TORCH_CHECK_TYPE(f.scalar_type() == at::kDouble, "rope: inv_freq must be float64 (the "
+                       "exact frequencies of rope_frequencies), got ", f.scalar_type());
+      check_same_device(x, f, name[0], "inv_freq");
+      TORCH_CHECK_VALUE(f.dim() == 1 && f.size(0) == p.half && (f.size(0) <= 1 || f.stride(0) == 1),
+                        "rope: inv_freq must be a contiguous [rotary_dim/2] = [", p.half,
+                        "] tensor, got shape ", f.sizes());
+      TORCH_CHECK_VALUE(std::isfinite(attention_factor) && attention_factor > 0,
+                        "rope: attention_factor must be a positive finite number, got ",
+                        attention_factor);
+      t.inv_freq = f.const_data_ptr<double>();
+      t.attention = attention_factor;
+    }
     t.sin_sp = sin.stride(0);
   } else if (cos.dim() == 2) {
+    TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
+                      "the table, so it needs positions: pass them");
     TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required: pass each token's position");
     TORCH_CHECK_VALUE(cos.size(0) >= seq, "rope: without positions, token s uses row s of cos, "
@@ -147,6 +165,8 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
     t.cos_ss = cos.stride(0);
     t.sin_ss = sin.stride(0);
   } else {
+    TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
+                      "the table, so it needs positions: pass them");
     TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required and cos must be [positions, rotary_dim/2]");
     TORCH_CHECK_VALUE((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == seq,
@@ -240,6 +260,14 @@ bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
   return search(0, delta - q_span, delta + k_span);
 }
 
+// The layout rule the fake kernel mirrors: torch.empty_like(x), which for a dense x is
+// x's own strides; taken directly here (empty_like's option merging costs a decode step
+// a tenth of a microsecond).
+at::Tensor output_like(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
+                                          : at::empty_like(x);
+}
+
 bool empty(const RopeProblem& p) {
   return p.batch == 0 || p.seq == 0;
 }
@@ -247,19 +275,18 @@ bool empty(const RopeProblem& p) {
 }  // namespace
 
 at::Tensor apply(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(x, "x");
-  // The layout rule the fake kernel mirrors: torch.empty_like(x).
-  at::Tensor out = at::empty_like(x);
-  const RopeProblem p = make_problem(&x, &out, 1, cos, sin, positions, interleaved, inverse);
+  at::Tensor out = output_like(x);
+  const RopeProblem p = make_problem(&x, &out, 1, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   if (!empty(p)) kernel(p);
   return out;
 }
 
 void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-            const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+            const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(x, "x");
-  const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse);
+  const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   check_writable(x, "x");
   if (!empty(p)) kernel(p);
 }
@@ -267,23 +294,24 @@ void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at:
 std::tuple<at::Tensor, at::Tensor> apply_qk(Kernel kernel, const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& cos, const at::Tensor& sin,
                                             const std::optional<at::Tensor>& positions,
-                                            bool interleaved, bool inverse) {
+                                            bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(q, "q");
   check_x(k, "k");
   const at::Tensor xs[2] = {q, k};
-  const at::Tensor outs[2] = {at::empty_like(q), at::empty_like(k)};
-  const RopeProblem p = make_problem(xs, outs, 2, cos, sin, positions, interleaved, inverse);
+  const at::Tensor outs[2] = {output_like(q), output_like(k)};
+  const RopeProblem p = make_problem(xs, outs, 2, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   if (!empty(p)) kernel(p);
   return {outs[0], outs[1]};
 }
 
 void apply_qk_(Kernel kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
-               bool inverse) {
+               bool inverse, const std::optional<at::Tensor>& inv_freq,
+               double attention_factor) {
   check_x(q, "q");
   check_x(k, "k");
   const at::Tensor xs[2] = {q, k};
-  const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse);
+  const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
   check_writable(q, "q");
   check_writable(k, "k");
   TORCH_CHECK_VALUE(!may_share_elements(q, k), "rope: q and k share elements; rotating them in "

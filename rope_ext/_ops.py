@@ -17,10 +17,19 @@ try:
         torch.ops.load_library(_library)
     else:
         from rope_ext import _C  # noqa: F401
-except (ImportError, OSError) as e:  # pragma: no cover - only on a broken install
+except (ImportError, OSError) as e:  # only on a broken or mismatched install
+    try:
+        from rope_ext._build_info import CUDA_VERSION, TORCH_VERSION
+
+        built = f"torch {TORCH_VERSION}" + (f" (CUDA {CUDA_VERSION})" if CUDA_VERSION else "")
+    except ImportError:
+        built = "an unknown torch (no rope_ext/_build_info.py)"
     raise ImportError(
-        f"rope_ext's compiled library could not be loaded with torch {torch.__version__}: {e}. "
-        "It is tied to the torch it was built against; rebuild it against this one with "
+        f"rope_ext's compiled library was built against {built} but this environment has "
+        f"torch {torch.__version__}"
+        + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
+        + f", and it could not be loaded: {e}. A binary loads only beside the torch it was "
+        "built for: install the rope_ext built for this torch, or rebuild it here with "
         "`pip install --no-build-isolation .` (or `make build`)."
     ) from e
 
@@ -39,26 +48,30 @@ def _check_devices(x, xname, **tensors):
 
 
 @torch.library.register_fake("rope::apply")
-def _apply_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
-    _check_devices(x, "x", cos=cos, sin=sin, positions=positions)
+def _apply_fake(x, cos, sin, positions=None, interleaved=False, inverse=False,
+                inv_freq=None, attention_factor=1.0):
+    _check_devices(x, "x", cos=cos, sin=sin, positions=positions, inv_freq=inv_freq)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("rope::apply_")
-def _apply_inplace_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
-    _check_devices(x, "x", cos=cos, sin=sin, positions=positions)
+def _apply_inplace_fake(x, cos, sin, positions=None, interleaved=False, inverse=False,
+                inv_freq=None, attention_factor=1.0):
+    _check_devices(x, "x", cos=cos, sin=sin, positions=positions, inv_freq=inv_freq)
     return None
 
 
 @torch.library.register_fake("rope::apply_qk")
-def _apply_qk_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
-    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions)
+def _apply_qk_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False,
+                inv_freq=None, attention_factor=1.0):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions, inv_freq=inv_freq)
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.register_fake("rope::apply_qk_")
-def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
-    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions)
+def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, inverse=False,
+                inv_freq=None, attention_factor=1.0):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions, inv_freq=inv_freq)
     return None
 
 

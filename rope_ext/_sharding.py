@@ -52,26 +52,34 @@ def _rules(xs, cos, sin, positions):
     return rules
 
 
+def _strategies(xs, cos, sin, positions, inv_freq, outputs):
+    """(output placements, input placements) for each rule: x (q and k), cos, sin,
+    positions, interleaved, inverse, inv_freq (replicated: one value per pair), and
+    attention_factor."""
+    freq = None if inv_freq is None else R
+    return [([xp] * outputs, [xp] * len(xs) + [cp, sp, pp, None, None, freq, None])
+            for xp, cp, sp, pp in _rules(xs, cos, sin, positions)]
+
+
 @register_sharding(ops.apply.default)
-def _apply_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False):
-    return [([xp], [xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
-            _rules([x], cos, sin, positions)]
+def _apply_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False,
+                    inv_freq=None, attention_factor=1.0):
+    return _strategies([x], cos, sin, positions, inv_freq, outputs=1)
 
 
 @register_sharding(ops.apply_.default)
-def _apply_inplace_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False):
-    return [([], [xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
-            _rules([x], cos, sin, positions)]
+def _apply_inplace_sharding(x, cos, sin, positions=None, interleaved=False, inverse=False,
+                            inv_freq=None, attention_factor=1.0):
+    return _strategies([x], cos, sin, positions, inv_freq, outputs=0)
 
 
 @register_sharding(ops.apply_qk.default)
-def _apply_qk_sharding(q, k, cos, sin, positions=None, interleaved=False, inverse=False):
-    return [([xp, xp], [xp, xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
-            _rules([q, k], cos, sin, positions)]
+def _apply_qk_sharding(q, k, cos, sin, positions=None, interleaved=False, inverse=False,
+                       inv_freq=None, attention_factor=1.0):
+    return _strategies([q, k], cos, sin, positions, inv_freq, outputs=2)
 
 
 @register_sharding(ops.apply_qk_.default)
 def _apply_qk_inplace_sharding(q, k, cos, sin, positions=None, interleaved=False,
-                               inverse=False):
-    return [([], [xp, xp, cp, sp, pp, None, None]) for xp, cp, sp, pp in
-            _rules([q, k], cos, sin, positions)]
+                               inverse=False, inv_freq=None, attention_factor=1.0):
+    return _strategies([q, k], cos, sin, positions, inv_freq, outputs=0)

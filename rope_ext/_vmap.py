@@ -38,10 +38,13 @@ def _per_token_table(t, dim, pos, n, batch, seq):
     return rows.expand(n, batch, seq, t.shape[-1]).reshape(n * batch, seq, t.shape[-1])
 
 
-def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse):
+def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse, inv_freq,
+               attention_factor):
     """Calls apply (one x) or apply_qk (two) on the folded batch; returns per-sample outputs."""
     n = info.batch_size
     x_dims, (cos_dim, sin_dim, pos_dim) = in_dims[:len(xs)], in_dims[len(xs):len(xs) + 3]
+    if inv_freq is not None and in_dims[len(xs) + 5] is not None:
+        raise ValueError("rope: vmap over inv_freq is not supported; pass one inv_freq for all")
     folded = [_fold_x(x, d, n) for x, d in zip(xs, x_dims)]
     sample = folded[0][1]
     packed = len(sample) == 3
@@ -58,10 +61,13 @@ def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse):
         if positions is not None:
             pos = _lead(positions, pos_dim, n)
             pos = pos.reshape(n, 1, seq) if pos.dim() == 2 else pos  # [N, seq] -> [N, 1, seq]
+        if inv_freq is not None and pos is not None:
+            raise ValueError("rope: vmap over the table or positions with inv_freq is not "
+                             "supported; vmap over q and k only")
         cos = _per_token_table(cos, cos_dim, pos, n, batch, seq)
         sin = _per_token_table(sin, sin_dim, pos, n, batch, seq)
         positions = None
-    args = (cos, sin, positions, interleaved, inverse)
+    args = (cos, sin, positions, interleaved, inverse, inv_freq, attention_factor)
     if len(xs) == 1:
         outs = (ops.apply(folded[0][0], *args),)
     else:
@@ -69,14 +75,17 @@ def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse):
     return [o.reshape((n,) + s) for o, (_, s) in zip(outs, folded)]
 
 
-def _apply_vmap(info, in_dims, x, cos, sin, positions=None, interleaved=False, inverse=False):
-    (out,) = _fold_call(info, in_dims, (x,), cos, sin, positions, interleaved, inverse)
+def _apply_vmap(info, in_dims, x, cos, sin, positions=None, interleaved=False, inverse=False,
+                inv_freq=None, attention_factor=1.0):
+    (out,) = _fold_call(info, in_dims, (x,), cos, sin, positions, interleaved, inverse,
+                        inv_freq, attention_factor)
     return out, 0
 
 
 def _apply_qk_vmap(info, in_dims, q, k, cos, sin, positions=None, interleaved=False,
-                   inverse=False):
-    q_out, k_out = _fold_call(info, in_dims, (q, k), cos, sin, positions, interleaved, inverse)
+                   inverse=False, inv_freq=None, attention_factor=1.0):
+    q_out, k_out = _fold_call(info, in_dims, (q, k), cos, sin, positions, interleaved, inverse,
+                              inv_freq, attention_factor)
     return (q_out, k_out), (0, 0)
 
 

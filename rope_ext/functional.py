@@ -25,17 +25,18 @@ def _op_view(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bhsd" else x
 
 
-def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions):
+def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions,
+                      inv_freq=None):
     """cos, sin, positions for a DTensor x. Plain tensors become replicated DTensors (every
     rank holds the same table and positions, as a module's buffers and a model's position_ids
     are), and a missing positions with a [P, r/2] table becomes arange(seq): token s is at
     position s of the whole sequence, which a shard of the tokens cannot know locally."""
     if type(xv) is torch.Tensor:
-        return cos, sin, positions
+        return cos, sin, positions, inv_freq
     from torch.distributed.tensor import DTensor, Replicate
 
     if not isinstance(xv, DTensor):
-        return cos, sin, positions
+        return cos, sin, positions, inv_freq
     mesh = xv.device_mesh
     replicated = [Replicate()] * mesh.ndim
 
@@ -46,7 +47,19 @@ def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
 
     if positions is None and cos.dim() == 2 and xv.dim() == 4:
         positions = torch.arange(xv.shape[1], device=xv.device)
-    return as_dtensor(cos), as_dtensor(sin), as_dtensor(positions)
+    return as_dtensor(cos), as_dtensor(sin), as_dtensor(positions), as_dtensor(inv_freq)
+
+
+def _past_table(inv_freq, attention_factor):
+    """The op's trailing (inv_freq, attention_factor), or nothing: attention_factor is read
+    only with inv_freq, so torch.compile never makes a graph input of its default."""
+    return () if inv_freq is None else (inv_freq, attention_factor)
+
+
+def _check_mrope_freq(mrope_section, inv_freq):
+    if mrope_section is not None and inv_freq is not None:
+        raise ValueError("inv_freq (rows past the table) is not supported with mrope_section: "
+                         "build the table with enough rows")
 
 
 def _from_op_view(y: torch.Tensor, layout: str) -> torch.Tensor:
@@ -64,6 +77,8 @@ def apply_rope(
     inplace: bool = False,
     mrope_section: Optional[Sequence[int]] = None,
     mrope_interleaved: bool = False,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
 ) -> torch.Tensor:
     """Rotate x by the angles whose cosines and sines are `cos` and `sin`.
 
@@ -84,19 +99,26 @@ def apply_rope(
         mrope_section: multimodal RoPE (Qwen2-VL): ``[t, h, w]`` pair counts adding up to r/2;
             positions are then ``[3, batch, seq]`` and cos/sin one ``[P, r/2]`` table.
         mrope_interleaved: Qwen3-VL's T H W T H W ... assignment instead of Qwen2-VL's chunks.
+        inv_freq, attention_factor: with positions and a ``[P, r/2]`` table, a position in
+            ``[P, 2**31)`` gets the row ``cos_sin_table(inv_freq, ..., attention_factor)``
+            would hold, computed in the kernel (float64 inv_freq of :func:`rope_frequencies`),
+            instead of an error (CPU) or NaN (CUDA).
 
     Returns:
         The rotated tensor, x's dtype, shape and device. Math is float32 (float64 for float64 x).
     """
     xv = _op_view(x, layout, "x")
+    _check_mrope_freq(mrope_section, inv_freq)
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
         positions = None
-    cos, sin, positions = _distributed_args(xv, cos, sin, positions)
+    cos, sin, positions, inv_freq = _distributed_args(xv, cos, sin, positions, inv_freq)
     if inplace:
-        ops.apply_(xv, cos, sin, positions, interleaved, False)
+        ops.apply_(xv, cos, sin, positions, interleaved, False,
+                   *_past_table(inv_freq, attention_factor))
         return x
-    return _from_op_view(ops.apply(xv, cos, sin, positions, interleaved, False), layout)
+    return _from_op_view(ops.apply(xv, cos, sin, positions, interleaved, False,
+                                   *_past_table(inv_freq, attention_factor)), layout)
 
 
 def apply_rope_qk(
@@ -111,6 +133,8 @@ def apply_rope_qk(
     inplace: bool = False,
     mrope_section: Optional[Sequence[int]] = None,
     mrope_interleaved: bool = False,
+    inv_freq: Optional[torch.Tensor] = None,
+    attention_factor: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k together, in one kernel pass; see :func:`apply_rope` for the arguments.
 
@@ -120,15 +144,19 @@ def apply_rope_qk(
     if (layout == "bshd" and mrope_section is None and not inplace and type(q) is torch.Tensor
             and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4):
         # The common call, straight to the op: per call, Python costs more than the kernel.
-        return ops.apply_qk(q, k, cos, sin, positions, interleaved, False)
+        return ops.apply_qk(q, k, cos, sin, positions, interleaved, False,
+                            *_past_table(inv_freq, attention_factor))
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
+    _check_mrope_freq(mrope_section, inv_freq)
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
         positions = None
-    cos, sin, positions = _distributed_args(qv, cos, sin, positions)
+    cos, sin, positions, inv_freq = _distributed_args(qv, cos, sin, positions, inv_freq)
     if inplace:
-        ops.apply_qk_(qv, kv, cos, sin, positions, interleaved, False)
+        ops.apply_qk_(qv, kv, cos, sin, positions, interleaved, False,
+                      *_past_table(inv_freq, attention_factor))
         return q, k
-    qo, ko = ops.apply_qk(qv, kv, cos, sin, positions, interleaved, False)
+    qo, ko = ops.apply_qk(qv, kv, cos, sin, positions, interleaved, False,
+                          *_past_table(inv_freq, attention_factor))
     return _from_op_view(qo, layout), _from_op_view(ko, layout)

@@ -22,8 +22,12 @@ class RotaryEmbedding(nn.Module):
         head_dim: d, the size of each head.
         rotary_dim: r <= head_dim, even; defaults to head_dim. The last d - r dims pass through.
         base: rope_theta.
-        max_positions: rows of the table; positions must stay below it (transformers'
-            max_position_embeddings).
+        max_positions: rows of the precomputed table (transformers'
+            max_position_embeddings): a size hint. Any position below 2**31 is rotated
+            exactly: a position past the table gets the row the table would hold, computed
+            in the kernel from the float64 inverse frequencies (no host sync on a GPU, so
+            CUDA graphs still capture it); without positions, a longer sequence grows the
+            table to its length.
         scaling: a Hugging Face style rope-scaling dict or None (see :func:`rope_frequencies`).
         interleaved: pair adjacent dims (GPT-J) instead of halves (Llama).
         layout: "bshd", "bhsd" or "thd" for q and k.
@@ -82,6 +86,8 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_sin_table(inv_freq, max_positions, attention_factor)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # The kernel computes rows past the table from these (float64, beside the table).
+        self.register_buffer("inv_freq_table", inv_freq.clone(), persistent=False)
 
     @classmethod
     def from_hf_config(cls, config, *, layout: str = "bshd",
@@ -110,6 +116,7 @@ class RotaryEmbedding(nn.Module):
 
     def _set_table(self, inv_freq: torch.Tensor, rows: int, device) -> None:
         self.inv_freq = inv_freq
+        self.inv_freq_table = inv_freq.to(device=device, dtype=torch.float64)
         self.cos, self.sin = cos_sin_table(inv_freq, rows, self.attention_factor, device=device)
 
     def _follow_sequence(self, seq_len: int) -> None:
@@ -120,7 +127,9 @@ class RotaryEmbedding(nn.Module):
                 factor = self.scaling["factor"]
                 inv = dynamic_inv_freq(self.rotary_dim, self.base, factor, self.max_positions,
                                        seq_len)
-                self._set_table(inv, max(seq_len, self.max_positions), device)
+                # max_positions rows: past them the kernel computes each row (with positions),
+                # or forward grows the table to the sequence's length (without).
+                self._set_table(inv, self.max_positions, device)
                 self.table_seq_len = seq_len
             elif seq_len < self.max_positions < self.table_seq_len:  # reset
                 self._set_table(self.original_inv_freq, self.max_positions, device)
@@ -138,10 +147,13 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k (layout as given at construction); positions as in :func:`apply_rope`."""
         if self._direct and type(q) is torch.Tensor and q.dim() == 4 and type(k) is torch.Tensor:
             buffers = self._buffers  # not self.cos: Module.__getattr__ is slow
-            cos = buffers["cos"]
-            if positions is None and q.shape[1] > cos.shape[0]:
-                self._too_long(q.shape[1])
-            return ops.apply_qk(q, k, cos, buffers["sin"], positions, self.interleaved, False)
+            if positions is None:
+                if q.shape[1] > buffers["cos"].shape[0]:
+                    self._grow(q.shape[1])
+                return ops.apply_qk(q, k, buffers["cos"], buffers["sin"], None,
+                                    self.interleaved, False)
+            return ops.apply_qk(q, k, buffers["cos"], buffers["sin"], positions, self.interleaved,
+                                False, buffers["inv_freq_table"], self.attention_factor)
         seq = None
         if q.dim() == 4 and self.layout != "thd":
             seq = q.shape[2 if self.layout == "bhsd" else 1]
@@ -150,14 +162,19 @@ class RotaryEmbedding(nn.Module):
             if needed is not None:
                 self._follow_sequence(needed)
         if positions is None and seq is not None and seq > self.cos.shape[0]:
-            self._too_long(seq)
+            self._grow(seq)
+        past_table = {} if positions is None or self.mrope_section is not None else dict(
+            inv_freq=self.inv_freq_table, attention_factor=self.attention_factor)
         return apply_rope_qk(q, k, self.cos, self.sin, positions, interleaved=self.interleaved,
                              layout=self.layout, mrope_section=self.mrope_section,
-                             mrope_interleaved=self.mrope_interleaved)
+                             mrope_interleaved=self.mrope_interleaved, **past_table)
 
-    def _too_long(self, seq: int) -> None:
-        raise ValueError(f"sequence length {seq} exceeds max_positions={self.max_positions} "
-                         f"of this RotaryEmbedding; construct it with a larger max_positions")
+    def _grow(self, seq: int) -> None:
+        """A sequence longer than the table, without positions: its length is known from
+        its shape (no sync), so the table grows to it, exactly, once per new length."""
+        if seq >= 2**31:
+            raise ValueError(f"sequence length {seq} must be below 2**31")
+        self._set_table(self.inv_freq, seq, self.cos.device)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}, "

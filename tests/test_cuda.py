@@ -359,3 +359,48 @@ def test_gpu_bit_identical_to_host_executor(config, dtype, interleaved):
         g = g.cpu()
         assert torch.equal(g.isnan(), h.isnan())
         assert torch.equal(g.nan_to_num(0.0), h.nan_to_num(0.0))
+
+
+# --- RotaryEmbedding at any position: rows past the table computed in the kernel ---
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 32}],
+                         ids=["default", "yarn"])
+def test_module_far_positions_match_the_cpu(scaling):
+    rope = rope_ext.RotaryEmbedding(64, rotary_dim=48, max_positions=32, scaling=scaling)
+    positions = torch.tensor([[0, 31, 32, 19999, 10**6, 2**31 - 1]])
+    q = torch.randn(1, 6, 3, 64, dtype=torch.float64).to(torch.bfloat16)
+    k = torch.randn(1, 6, 1, 64, dtype=torch.float64).to(torch.bfloat16)
+    want = cpu_kernel_result(rope, q, k, positions)
+    rope_d = rope.to(TENSOR_DEVICE)
+    got = rope_d(to_device(q), to_device(k), to_device(positions))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w.double(), rtol=ref.PAIR_TOL[torch.bfloat16],
+                                   atol=ref.PAIR_TOL[torch.bfloat16] * 4)
+
+
+@needs_gpu
+def test_module_far_positions_without_a_sync_and_in_a_graph():
+    rope = rope_ext.RotaryEmbedding(128, max_positions=64).cuda()
+    q = torch.randn(4, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([[5], [64], [100000], [2**31 - 1]], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # a host sync would raise
+    try:
+        rope(q, k, pos)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        rope(q, k, pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_q, out_k = rope(q, k, pos)
+    pos.copy_(torch.tensor([[7], [70000], [2**30], [12345678]], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_q, want_k = rope(q, k, pos)
+    assert torch.equal(out_q, want_q) and torch.equal(out_k, want_k)

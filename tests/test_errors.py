@@ -290,11 +290,11 @@ def test_table_shorter_than_seq_without_positions(entry):
         call(entry, x4(), cos, sin)
 
 
-def test_module_seq_longer_than_max_positions():
-    # The module's table has max_positions rows; the caller's fix is a larger max_positions.
+def test_module_seq_longer_than_max_positions_is_no_error():
+    # max_positions is a size hint: a longer sequence grows the table (test_any_position.py).
     rope = rope_ext.RotaryEmbedding(D, max_positions=S - 1)
-    with pytest.raises(ValueError, match=word("max_positions")):
-        rope(x4(), x4())
+    q, k = rope(x4(), x4())
+    assert q.shape == x4().shape and rope.cos.shape[0] == S
 
 
 @pytest.mark.parametrize("pos_shape", [(B, S, 1), (1, B, S), (B, S + 1), (B + 1, S), (S + 1,),
@@ -801,6 +801,8 @@ for _entry in ALL_ENTRIES:
         for _thd in (False, True):
             if _thd and _v not in (-1, P, 2**40, -2**31):
                 continue
+            if _entry == "module" and 0 <= _v < 2**31:
+                continue  # the module rotates any such position (tests/test_any_position.py)
             _name = f"positions_out_of_range[{_entry}-{_dt}-{_v}{'-thd' if _thd else ''}]"
             ISOLATED[_name] = _out_of_range_case(_entry, _dt, _v, _thd)
             EXPECT[_name] = ("ValueError", word("positions"))
@@ -864,11 +866,12 @@ def _case_pos_zero_stride():
     return act, post
 
 
-@_isolated("positions_out_of_range_module_forward_past_max", ("ValueError", word("positions")))
+@_isolated("positions_out_of_range_module_forward_past_2_31", ("ValueError", word("positions")))
 def _case_module_pos():
+    # Past max_positions is fine (computed rows); past 2**31 is not.
     rope = rope_ext.RotaryEmbedding(D, max_positions=P)
     q, k = x4(), x4()
-    positions = torch.full((B, S), P + 100)
+    positions = torch.full((B, S), 2**31)
 
     def act():
         rope(q, k, positions)
@@ -1120,3 +1123,20 @@ def test_isolated(isolated, name):
         assert rec["exc"] == exc, f"expected {exc}, got {rec['exc']}: {rec['msg']}"
         assert re.search(pattern, rec["msg"]), rec["msg"]
         assert rec["post"], "rejected, but memory was written before the rejection"
+
+
+def test_import_error_names_the_torch_built_for_and_the_one_found(tmp_path):
+    # A library that cannot load (here: not there at all) stands for a binary built for
+    # another torch; the message must say which torch each side has.
+    import subprocess
+    import sys
+
+    from rope_ext._build_info import TORCH_VERSION
+
+    env = dict(os.environ, ROPE_EXT_LIBRARY=str(tmp_path / "missing_C.so"))
+    run = subprocess.run([sys.executable, "-c", "import rope_ext"], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr
+    assert f"built against torch {TORCH_VERSION}" in run.stderr, run.stderr[-2000:]
+    assert f"this environment has torch {torch.__version__}" in run.stderr, run.stderr[-2000:]

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import types
+
 import pytest
 import torch
 import transformers
@@ -667,9 +669,17 @@ def test_dynamic_ntk_follows_transformers(with_positions):
         # ours: exactly the expected table, and the same bookkeeping
         assert torch.equal(ours.inv_freq, expected), seq
         assert ours.table_seq_len == cached
-        assert ours.cos.dtype == torch.float32 and ours.cos.shape[0] >= seq
-        assert torch.equal(ours.cos, rope_ext.cos_sin_table(expected, ours.cos.shape[0])[0])
-        assert_table_matches_hf(ours, hf_cos, hf_sin, hf.inv_freq, pos)
+        # With positions the table keeps max_positions rows and the kernel computes the rows
+        # past it (exactly cos_sin_table's: tests/test_any_position.py); without, it grows.
+        rows = ours.cos.shape[0]
+        assert ours.cos.dtype == torch.float32
+        assert rows >= (ours.max_positions if with_positions else seq)
+        assert torch.equal(ours.cos, rope_ext.cos_sin_table(expected, rows)[0])
+        used = types.SimpleNamespace(rotary_dim=ours.rotary_dim, inv_freq=ours.inv_freq,
+                                     attention_factor=ours.attention_factor)
+        used.cos, used.sin = rope_ext.cos_sin_table(ours.inv_freq, max(rows, seq),
+                                                    ours.attention_factor)
+        assert_table_matches_hf(used, hf_cos, hf_sin, hf.inv_freq, pos)
         # and the rotation against transformers' apply
         q_hf, k_hf = modeling_llama.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
         delta = angle_error_bound(ours.inv_freq, (hf.inv_freq.double() - ours.inv_freq).abs(),

@@ -36,6 +36,11 @@ def test_opcheck_apply(dtype):
         torch.library.opcheck(ops.apply.default, (x, cos, sin, pos, interleaved, False))
         torch.library.opcheck(ops.apply.default, (x, cos, sin),
                               {"positions": pos, "interleaved": interleaved, "inverse": True})
+        if pos is not None and cos.dim() == 2:  # rows past the table computed from inv_freq
+            inv = torch.rand(cos.shape[-1], dtype=torch.float64)
+            far = pos + cos.shape[0] * (pos % 2)
+            torch.library.opcheck(ops.apply.default, (x, cos, sin, far, interleaved, False),
+                                  {"inv_freq": inv, "attention_factor": 1.5})
 
 
 @DTYPES

@@ -82,7 +82,13 @@ void check_positions(const RopeProblem& p) {
       first = false;
     }
   }
-  TORCH_CHECK_VALUE(lo >= 0, "rope: positions must lie in [0, ", t.rows, "), got ", lo);
+  // With inv_freq, rows past the table are computed: any position below 2**31 is fine.
+  const int64_t bound = t.inv_freq != nullptr ? kMaxComputedPosition : t.rows;
+  TORCH_CHECK_VALUE(lo >= 0, "rope: positions must lie in [0, ", bound, "), got ", lo);
+  if (t.inv_freq != nullptr) {
+    TORCH_CHECK_VALUE(hi < bound, "rope: positions must lie in [0, 2**31), got ", hi);
+    return;
+  }
   TORCH_CHECK_VALUE(hi < t.rows, "rope: positions must lie in [0, ", t.rows, ") for a table of ",
                     t.rows, " rows (cos.size(0)), got ", hi, "; build a table with max_positions > ",
                     hi, " (cos_sin_table, or RotaryEmbedding(max_positions=...))");

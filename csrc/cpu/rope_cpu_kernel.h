@@ -214,6 +214,18 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
   using T = opmath_t<scalar_t>;
   const TableIndex& t = p.table;
   const int64_t pos = token_position(t, b, s);
+  if (t.inv_freq != nullptr && pos >= t.rows) {
+    // Past the table (checked < 2**31): the row cos_sin_table would hold, rounded to
+    // the table's dtype as the table's own rows are.
+    const T sign = p.inverse ? T(-1) : T(1);
+    for (int64_t i = 0; i < p.half; ++i) {
+      double c, sn;
+      computed_row_value(t, pos, i, c, sn);
+      c_buf[i] = static_cast<T>(static_cast<table_t>(c));
+      s_buf[i] = sign * static_cast<T>(static_cast<table_t>(sn));
+    }
+    return {c_buf, s_buf};
+  }
   const table_t* cp = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
   const table_t* sp = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
   if constexpr (std::is_same_v<table_t, T>) {

@@ -71,30 +71,30 @@ void rope_cuda(const RopeProblem& p) {
 // --- registration: the device guard here, the shared checks in rope_problem.cpp ---
 
 at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                      const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+                      const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return apply(rope_cuda, x, cos, sin, positions, interleaved, inverse);
+  return apply(rope_cuda, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 void apply_cuda_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(x.device());
-  apply_(rope_cuda, x, cos, sin, positions, interleaved, inverse);
+  apply_(rope_cuda, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_qk_cuda(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& cos, const at::Tensor& sin,
                                                  const std::optional<at::Tensor>& positions,
-                                                 bool interleaved, bool inverse) {
+                                                 bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return apply_qk(rope_cuda, q, k, cos, sin, positions, interleaved, inverse);
+  return apply_qk(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 void apply_qk_cuda_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                    bool interleaved, bool inverse) {
+                    bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(q.device());
-  apply_qk_(rope_cuda, q, k, cos, sin, positions, interleaved, inverse);
+  apply_qk_(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 }  // namespace

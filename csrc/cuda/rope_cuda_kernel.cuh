@@ -245,9 +245,13 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
     const Index h_end = h_begin + per_item < heads ? h_begin + per_item : heads;
 
     // Without a device sync the range cannot be checked before launch: a token
-    // whose position lies outside the table reads nothing and comes out NaN.
+    // whose position lies outside the table (and not computed) reads nothing and
+    // comes out NaN.
     const int64_t pos = has_positions ? token_position(t, b, s) : 0;
     const bool in_table = !has_positions || (pos >= 0 && pos < t.rows);
+    // Past the table with inv_freq: the row cos_sin_table would hold, computed here.
+    const bool computed = !in_table && t.inv_freq != nullptr && pos >= 0 &&
+                          pos < kMaxComputedPosition;
     const Index row = in_table ? static_cast<Index>(pos) : 0;
     const table_t* cos_row = static_cast<const table_t*>(p.cos) +
         (in_table ? b * static_cast<Index>(t.cos_sb) + s * static_cast<Index>(t.cos_ss) +
@@ -277,6 +281,14 @@ ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
           c[j] = static_cast<T>(Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_si).v[0]);
           sn[j] = sign * static_cast<T>(Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_si).v[0]);
+        }
+      } else if (computed) {
+ROPE_UNROLL
+        for (int j = 0; j < N; ++j) {
+          double cd, sd;
+          computed_row_value(t, pos, i0 + j, cd, sd);
+          c[j] = static_cast<T>(static_cast<table_t>(cd));
+          sn[j] = sign * static_cast<T>(static_cast<table_t>(sd));
         }
       } else {
 ROPE_UNROLL
