@@ -144,8 +144,10 @@ def apply_rope_qk(
     if (layout == "bshd" and mrope_section is None and not inplace and type(q) is torch.Tensor
             and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4):
         # The common call, straight to the op: per call, Python costs more than the kernel.
-        return ops.apply_qk(q, k, cos, sin, positions, interleaved, False,
-                            *_past_table(inv_freq, attention_factor))
+        if inv_freq is None:
+            return ops.apply_qk(q, k, cos, sin, positions, interleaved)
+        return ops.apply_qk(q, k, cos, sin, positions, interleaved, False, inv_freq,
+                            attention_factor)
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
     _check_mrope_freq(mrope_section, inv_freq)
