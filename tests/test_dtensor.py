@@ -105,10 +105,12 @@ class Attention(torch.nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        q, k = self.rope(q, k, positions)
+        q, k = self.rope(q, k, positions)  # DTensors sharded by heads under tensor parallel
+        # Attention on each rank's own heads (whole heads: no communication needed), written
+        # out; the output projection takes the local result as its Shard(2) input.
+        q, k, v = (t.to_local() if hasattr(t, "to_local") else t for t in (q, k, v))
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        # Attention written out (DTensor has no rule for the CPU flash-attention kernel).
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
         scores = scores - 1e30 * torch.ones_like(scores).triu(1)  # causal
