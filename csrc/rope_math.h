@@ -32,9 +32,9 @@ namespace rope {
 struct TableIndex {
   const int32_t* pos32 = nullptr;  // at most one of pos32 / pos64 is set
   const int64_t* pos64 = nullptr;
-  int64_t pos_sb = 0, pos_ss = 0;  // positions [batch, seq] strides; pos_sb = 0 for [seq]
-  int64_t cos_sb = 0, cos_ss = 0, cos_sp = 0, cos_si = 1;
-  int64_t sin_sb = 0, sin_ss = 0, sin_sp = 0, sin_si = 1;
+  int64_t pos_stride_batch = 0, pos_stride_seq = 0;  // positions [batch, seq] strides; pos_stride_batch = 0 for [seq]
+  int64_t cos_stride_batch = 0, cos_stride_seq = 0, cos_stride_row = 0, cos_stride_pair = 1;
+  int64_t sin_stride_batch = 0, sin_stride_seq = 0, sin_stride_row = 0, sin_stride_pair = 1;
   int64_t rows = 0;                // table rows P (positions must lie in [0, P))
   // Set (with positions): a position in [P, 2**31) gets the row cos_sin_table would
   // hold, A cos(pos theta_i) and A sin(pos theta_i) in float64, computed in the kernel.
@@ -55,31 +55,31 @@ ROPE_HD void computed_row_value(const TableIndex& t, int64_t pos, int64_t i, dou
 }
 
 ROPE_HD int64_t token_position(const TableIndex& t, int64_t b, int64_t s) {
-  const int64_t off = b * t.pos_sb + s * t.pos_ss;
+  const int64_t off = b * t.pos_stride_batch + s * t.pos_stride_seq;
   if (t.pos64 != nullptr) return t.pos64[off];
   if (t.pos32 != nullptr) return static_cast<int64_t>(t.pos32[off]);
   return 0;
 }
 
 ROPE_HD int64_t cos_offset(const TableIndex& t, int64_t b, int64_t s, int64_t pos) {
-  return b * t.cos_sb + s * t.cos_ss + pos * t.cos_sp;
+  return b * t.cos_stride_batch + s * t.cos_stride_seq + pos * t.cos_stride_row;
 }
 
 ROPE_HD int64_t sin_offset(const TableIndex& t, int64_t b, int64_t s, int64_t pos) {
-  return b * t.sin_sb + s * t.sin_ss + pos * t.sin_sp;
+  return b * t.sin_stride_batch + s * t.sin_stride_seq + pos * t.sin_stride_row;
 }
 
 // Where the n pairs [i0, i0 + n) of a head live: two runs of n slots each,
 // `lo` at offset lo_off and `hi` at hi_off (in units of head_dim elements).
-//   half-split  (HF Llama, GPT-NeoX): lo = x[i0 .. i0+n),   hi = x[half+i0 .. half+i0+n);
+//   half-split  (HF Llama, GPT-NeoX): lo = x[i0 .. i0+n),   hi = x[pairs+i0 .. pairs+i0+n);
 //                                     pair j is (lo[j], hi[j]).
 //   interleaved (RoFormer, GPT-J):    lo = x[2i0 .. 2i0+n), hi = x[2i0+n .. 2i0+2n);
 //                                     pair j is slots (2j, 2j+1) of lo ++ hi.
 // The CUDA kernel moves each run with one 16-byte load; n = 1 is the scalar case.
-ROPE_HD void chunk_offsets(int64_t i0, int64_t n, int64_t half, bool interleaved, int64_t& lo_off,
+ROPE_HD void chunk_offsets(int64_t i0, int64_t n, int64_t pairs, bool interleaved, int64_t& lo_off,
                            int64_t& hi_off) {
   lo_off = interleaved ? 2 * i0 : i0;
-  hi_off = interleaved ? 2 * i0 + n : half + i0;
+  hi_off = interleaved ? 2 * i0 + n : pairs + i0;
 }
 
 // (a, b) <- (a cos - b sin, a sin + b cos): the complex product (a + ib) e^{i phi}.

@@ -1,6 +1,6 @@
 // A RoPE call reduced to raw pointers, sizes and 64-bit strides.
 //
-// The adapter (rope_problem.cpp) checks the tensors and fills this struct; the
+// The adapter (rope_adapter.cpp) checks the tensors and fills this struct; the
 // kernels (cpu/, cuda/) read only this struct and never touch at::Tensor.
 #pragma once
 
@@ -18,13 +18,13 @@ struct HeadsDesc {
   void* out = nullptr;       // the result; equal to `in` for the in-place op
   int64_t heads = 0;
   int64_t head_dim = 0;
-  int64_t in_sb = 0, in_ss = 0, in_sh = 0, in_sd = 1;
-  int64_t out_sb = 0, out_ss = 0, out_sh = 0, out_sd = 1;
+  int64_t in_stride_batch = 0, in_stride_seq = 0, in_stride_head = 0, in_stride_dim = 1;
+  int64_t out_stride_batch = 0, out_stride_seq = 0, out_stride_head = 0, out_stride_dim = 1;
 };
 
 struct RopeProblem {
   int64_t batch = 0, seq = 0;
-  int64_t half = 0;  // r / 2: pairs per head
+  int64_t pairs = 0;  // r / 2: pairs per head
   bool interleaved = false;
   bool inverse = false;
   c10::ScalarType x_dtype = c10::ScalarType::Float;

@@ -2,7 +2,7 @@
 
 The fake kernels (shapes for torch.compile, export and meta tensors) live here,
 next to the Python wrappers; they run only while tracing. The autograd formulas
-are in C++ (csrc/rope_ops.cpp) so that an eager call runs no Python on its way.
+are in C++ (csrc/rope_registration.cpp) so that an eager call runs no Python on its way.
 """
 
 import os
@@ -75,7 +75,7 @@ def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, in
     return None
 
 
-# Autograd is registered in C++ (csrc/rope_ops.cpp): the backward of a rotation is
+# Autograd is registered in C++ (csrc/rope_registration.cpp): the backward of a rotation is
 # the same op with `inverse` flipped, and no Python runs between a call and the kernel.
 
 from rope_ext import _vmap  # noqa: E402,F401  (vmap rules; needs the ops registered above)

@@ -134,23 +134,23 @@ inline void stream_fence() {
 #endif
 }
 
-// Pairs (x[i], x[i + half]) of one head, head_dim at unit stride. c and s hold
+// Pairs (x[i], x[i + pairs]) of one head, head_dim at unit stride. c and s hold
 // the token's table row padded with zeros to a multiple of kSize, so the table
 // loads of a last partial block stay inside the buffer.
 template <bool kStream, typename scalar_t>
 void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
-                            const opmath_t<scalar_t>* s, int64_t half) {
+                            const opmath_t<scalar_t>* s, int64_t pairs) {
   using B = Block<scalar_t>;
   using V = typename B::V;
-  for (int64_t i = 0; i < half; i += B::kSize) {
-    const int64_t n = std::min(B::kSize, half - i);
+  for (int64_t i = 0; i < pairs; i += B::kSize) {
+    const int64_t n = std::min(B::kSize, pairs - i);
     V a0, a1, b0, b1;
     B::load(x + i, n, a0, a1);
-    B::load(x + half + i, n, b0, b1);
+    B::load(x + pairs + i, n, b0, b1);
     rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
     rotate_pair(a1, b1, V::loadu(c + i + B::W), V::loadu(s + i + B::W));
     B::template put<kStream>(y + i, n, a0, a1);
-    B::template put<kStream>(y + half + i, n, b0, b1);
+    B::template put<kStream>(y + pairs + i, n, b0, b1);
   }
 }
 
@@ -158,10 +158,10 @@ void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scala
 // even and odd lanes, rotated, and merged back.
 template <bool kStream, typename scalar_t>
 void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
-                             const opmath_t<scalar_t>* s, int64_t half) {
+                             const opmath_t<scalar_t>* s, int64_t pairs) {
   using B = Block<scalar_t>;
   using V = typename B::V;
-  const int64_t r = 2 * half;
+  const int64_t r = 2 * pairs;
   for (int64_t e = 0; e < r; e += B::kSize) {
     const int64_t n = std::min(B::kSize, r - e);
     V lo, hi;
@@ -178,11 +178,11 @@ void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scal
 template <typename scalar_t>
 void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd,
                          const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
-                         int64_t half, bool interleaved) {
+                         int64_t pairs, bool interleaved) {
   using T = opmath_t<scalar_t>;
-  for (int64_t i = 0; i < half; ++i) {
+  for (int64_t i = 0; i < pairs; ++i) {
     int64_t lo_off, hi_off;
-    chunk_offsets(i, 1, half, interleaved, lo_off, hi_off);
+    chunk_offsets(i, 1, pairs, interleaved, lo_off, hi_off);
     T lo[1] = {static_cast<T>(x[lo_off * xsd])};
     T hi[1] = {static_cast<T>(x[hi_off * xsd])};
     const T cc[1] = {c[i]}, ss[1] = {s[i]};
@@ -218,7 +218,7 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
     // Past the table (checked < 2**31): the row cos_sin_table would hold, rounded to
     // the table's dtype as the table's own rows are.
     const T sign = p.inverse ? T(-1) : T(1);
-    for (int64_t i = 0; i < p.half; ++i) {
+    for (int64_t i = 0; i < p.pairs; ++i) {
       double c, sn;
       computed_row_value(t, pos, i, c, sn);
       c_buf[i] = static_cast<T>(static_cast<table_t>(c));
@@ -229,14 +229,14 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
   const table_t* cp = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
   const table_t* sp = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
   if constexpr (std::is_same_v<table_t, T>) {
-    if (!p.inverse && t.cos_si == 1 && t.sin_si == 1 && p.half % Block<scalar_t>::kSize == 0) {
+    if (!p.inverse && t.cos_stride_pair == 1 && t.sin_stride_pair == 1 && p.pairs % Block<scalar_t>::kSize == 0) {
       return {cp, sp};
     }
   }
   const T sign = p.inverse ? T(-1) : T(1);
-  for (int64_t i = 0; i < p.half; ++i) {
-    c_buf[i] = static_cast<T>(cp[i * t.cos_si]);
-    s_buf[i] = sign * static_cast<T>(sp[i * t.sin_si]);
+  for (int64_t i = 0; i < p.pairs; ++i) {
+    c_buf[i] = static_cast<T>(cp[i * t.cos_stride_pair]);
+    s_buf[i] = sign * static_cast<T>(sp[i * t.sin_stride_pair]);
   }
   return {c_buf, s_buf};
 }
@@ -250,21 +250,21 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
     const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf, s_buf);
     for (int k = 0; k < p.num_x; ++k) {
       const HeadsDesc& h = p.x[k];
-      const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_sb + s * h.in_ss;
-      scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_sb + s * h.out_ss;
+      const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
+      scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
       const bool in_place = h.in == h.out;
-      const bool unit = h.in_sd == 1 && h.out_sd == 1;
+      const bool unit = h.in_stride_dim == 1 && h.out_stride_dim == 1;
       for (int64_t head = 0; head < h.heads; ++head) {
-        const scalar_t* xi = xin + head * h.in_sh;
-        scalar_t* yo = xout + head * h.out_sh;
+        const scalar_t* xi = xin + head * h.in_stride_head;
+        scalar_t* yo = xout + head * h.out_stride_head;
         if (unit && p.interleaved) {
-          rotate_head_interleaved<kStream>(xi, yo, c, sn, p.half);
+          rotate_head_interleaved<kStream>(xi, yo, c, sn, p.pairs);
         } else if (unit) {
-          rotate_head_half_split<kStream>(xi, yo, c, sn, p.half);
+          rotate_head_half_split<kStream>(xi, yo, c, sn, p.pairs);
         } else {
-          rotate_head_strided(xi, h.in_sd, yo, h.out_sd, c, sn, p.half, p.interleaved);
+          rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs, p.interleaved);
         }
-        if (!in_place) copy_tail(xi, h.in_sd, yo, h.out_sd, 2 * p.half, h.head_dim);
+        if (!in_place) copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
       }
     }
   }
@@ -289,7 +289,7 @@ void rope_cpu_typed(const RopeProblem& p) {
       !in_place && tokens * work_per_token * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   // Enough elements per task that the thread hand-off is paid for.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_token);
-  const int64_t padded = (p.half + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize *
+  const int64_t padded = (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize *
                          Block<scalar_t>::kSize;
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {

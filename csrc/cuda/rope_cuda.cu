@@ -12,7 +12,7 @@
 #include <mutex>
 #include <vector>
 
-#include "../rope_ops.h"
+#include "../rope_adapter.h"
 #include "rope_cuda_kernel.cuh"
 #include "rope_launch_config.h"
 
@@ -68,7 +68,7 @@ void rope_cuda(const RopeProblem& p) {
   plan_and_run(p, launch_config(), sm_count(device), runner);
 }
 
-// --- registration: the device guard here, the shared checks in rope_problem.cpp ---
+// --- registration: the device guard here, the shared checks in rope_adapter.cpp ---
 
 at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {

@@ -99,12 +99,12 @@ void check_stores(const RopeProblem& p, LaunchCheck& check) {
   for (int i = 0; i < p.num_x; ++i) {
     const HeadsDesc& d = p.x[i];
     // In place, the pass-through tail x[r:] is not written.
-    const int64_t dims = d.in == d.out ? 2 * p.half : d.head_dim;
+    const int64_t dims = d.in == d.out ? 2 * p.pairs : d.head_dim;
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t s = 0; s < p.seq; ++s) {
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t e = 0; e < dims; ++e) {
-            const int64_t off = b * d.out_sb + s * d.out_ss + h * d.out_sh + e * d.out_sd;
+            const int64_t off = b * d.out_stride_batch + s * d.out_stride_seq + h * d.out_stride_head + e * d.out_stride_dim;
             const auto addr = reinterpret_cast<uintptr_t>(d.out) + static_cast<uintptr_t>(off * elem);
             const auto it = check.stores.find(addr);
             const uint32_t times = it == check.stores.end() ? 0 : it->second;

@@ -75,12 +75,12 @@ inline bool aligned_to(const void* ptr, int64_t bytes) {
 // n-element runs of x need unit-stride head_dim, every other stride and both run
 // starts a multiple of n, and n * element-size aligned base pointers.
 inline bool x_vectorizes(const RopeProblem& p, int64_t n, int64_t elem_size) {
-  if (p.half % n != 0) return false;
+  if (p.pairs % n != 0) return false;
   for (int i = 0; i < p.num_x; ++i) {
     const HeadsDesc& d = p.x[i];
-    if (d.in_sd != 1 || d.out_sd != 1 || d.head_dim % n != 0) return false;
+    if (d.in_stride_dim != 1 || d.out_stride_dim != 1 || d.head_dim % n != 0) return false;
     if (!aligned_to(d.in, n * elem_size) || !aligned_to(d.out, n * elem_size)) return false;
-    for (int64_t st : {d.in_sb, d.in_ss, d.in_sh, d.out_sb, d.out_ss, d.out_sh}) {
+    for (int64_t st : {d.in_stride_batch, d.in_stride_seq, d.in_stride_head, d.out_stride_batch, d.out_stride_seq, d.out_stride_head}) {
       if (st % n != 0) return false;
     }
   }
@@ -92,9 +92,9 @@ inline bool x_vectorizes(const RopeProblem& p, int64_t n, int64_t elem_size) {
 inline int table_run(const RopeProblem& p, int n, int64_t table_elem_size) {
   const TableIndex& t = p.table;
   const int run = static_cast<int>(16 / table_elem_size) < n ? static_cast<int>(16 / table_elem_size) : n;
-  if (run == 1 || t.cos_si != 1 || t.sin_si != 1) return 1;
+  if (run == 1 || t.cos_stride_pair != 1 || t.sin_stride_pair != 1) return 1;
   bool ok = aligned_to(p.cos, run * table_elem_size) && aligned_to(p.sin, run * table_elem_size);
-  for (int64_t st : {t.cos_sb, t.cos_ss, t.cos_sp, t.sin_sb, t.sin_ss, t.sin_sp}) {
+  for (int64_t st : {t.cos_stride_batch, t.cos_stride_seq, t.cos_stride_row, t.sin_stride_batch, t.sin_stride_seq, t.sin_stride_row}) {
     ok = ok && st % run == 0;
   }
   return ok ? run : 1;
@@ -108,13 +108,13 @@ inline int64_t largest_offset(const RopeProblem& p) {
   for (int i = 0; i < p.num_x; ++i) {
     const HeadsDesc& d = p.x[i];
     // + head_dim: the tail loop's index may step one block past the last element.
-    keep(b1 * d.in_sb + s1 * d.in_ss + (d.heads - 1) * d.in_sh + 2 * d.head_dim * d.in_sd);
-    keep(b1 * d.out_sb + s1 * d.out_ss + (d.heads - 1) * d.out_sh + 2 * d.head_dim * d.out_sd);
+    keep(b1 * d.in_stride_batch + s1 * d.in_stride_seq + (d.heads - 1) * d.in_stride_head + 2 * d.head_dim * d.in_stride_dim);
+    keep(b1 * d.out_stride_batch + s1 * d.out_stride_seq + (d.heads - 1) * d.out_stride_head + 2 * d.head_dim * d.out_stride_dim);
   }
   const TableIndex& t = p.table;
-  keep(b1 * t.pos_sb + s1 * t.pos_ss);
-  keep(b1 * t.cos_sb + s1 * t.cos_ss + t.rows * t.cos_sp + p.half * t.cos_si);
-  keep(b1 * t.sin_sb + s1 * t.sin_ss + t.rows * t.sin_sp + p.half * t.sin_si);
+  keep(b1 * t.pos_stride_batch + s1 * t.pos_stride_seq);
+  keep(b1 * t.cos_stride_batch + s1 * t.cos_stride_seq + t.rows * t.cos_stride_row + p.pairs * t.cos_stride_pair);
+  keep(b1 * t.sin_stride_batch + s1 * t.sin_stride_seq + t.rows * t.sin_stride_row + p.pairs * t.sin_stride_pair);
   return most;
 }
 
@@ -141,8 +141,8 @@ inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int
   // Threads across a head: enough for its chunks of pairs, or its pass-through tail.
   int64_t max_dim = p.x[0].head_dim;
   if (p.num_x > 1 && p.x[1].head_dim > max_dim) max_dim = p.x[1].head_dim;
-  const int64_t chunks = p.half / plan.vec;
-  const int64_t tail_chunks = (max_dim - 2 * p.half + plan.vec - 1) / plan.vec;
+  const int64_t chunks = p.pairs / plan.vec;
+  const int64_t tail_chunks = (max_dim - 2 * p.pairs + plan.vec - 1) / plan.vec;
   const int64_t threads = cfg.block_threads < 1 ? 1 : cfg.block_threads;
   const int64_t bx = pow2_at_least(chunks > tail_chunks ? chunks : tail_chunks);
   plan.block_x = static_cast<int>(bx < threads ? bx : threads);
@@ -195,12 +195,12 @@ struct HeadView {
     const bool is_q = h < heads0;
     const HeadsDesc& d = is_q ? p.x[0] : p.x[1];
     const Index hh = is_q ? h : h - heads0;
-    x = static_cast<const scalar_t*>(d.in) + b * static_cast<Index>(d.in_sb) +
-        s * static_cast<Index>(d.in_ss) + hh * static_cast<Index>(d.in_sh);
-    y = static_cast<scalar_t*>(d.out) + b * static_cast<Index>(d.out_sb) +
-        s * static_cast<Index>(d.out_ss) + hh * static_cast<Index>(d.out_sh);
-    sd_in = static_cast<Index>(d.in_sd);
-    sd_out = static_cast<Index>(d.out_sd);
+    x = static_cast<const scalar_t*>(d.in) + b * static_cast<Index>(d.in_stride_batch) +
+        s * static_cast<Index>(d.in_stride_seq) + hh * static_cast<Index>(d.in_stride_head);
+    y = static_cast<scalar_t*>(d.out) + b * static_cast<Index>(d.out_stride_batch) +
+        s * static_cast<Index>(d.out_stride_seq) + hh * static_cast<Index>(d.out_stride_head);
+    sd_in = static_cast<Index>(d.in_stride_dim);
+    sd_out = static_cast<Index>(d.out_stride_dim);
     head_dim = static_cast<Index>(d.head_dim);
     in_place = d.in == d.out;
   }
@@ -225,8 +225,8 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
   const bool table_runs = plan.table_vec > 1;
   const TableIndex& t = p.table;
   const Index seq = static_cast<Index>(p.seq);
-  const Index half = static_cast<Index>(p.half);
-  const Index chunks = half / N;
+  const Index pairs = static_cast<Index>(p.pairs);
+  const Index chunks = pairs / N;
   const Index heads0 = static_cast<Index>(p.x[0].heads);
   const Index heads = heads0 + static_cast<Index>(p.num_x > 1 ? p.x[1].heads : 0);
   const Index groups = static_cast<Index>(plan.groups);
@@ -254,11 +254,11 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
                           pos < kMaxComputedPosition;
     const Index row = in_table ? static_cast<Index>(pos) : 0;
     const table_t* cos_row = static_cast<const table_t*>(p.cos) +
-        (in_table ? b * static_cast<Index>(t.cos_sb) + s * static_cast<Index>(t.cos_ss) +
-                        row * static_cast<Index>(t.cos_sp) : 0);
+        (in_table ? b * static_cast<Index>(t.cos_stride_batch) + s * static_cast<Index>(t.cos_stride_seq) +
+                        row * static_cast<Index>(t.cos_stride_row) : 0);
     const table_t* sin_row = static_cast<const table_t*>(p.sin) +
-        (in_table ? b * static_cast<Index>(t.sin_sb) + s * static_cast<Index>(t.sin_ss) +
-                        row * static_cast<Index>(t.sin_sp) : 0);
+        (in_table ? b * static_cast<Index>(t.sin_stride_batch) + s * static_cast<Index>(t.sin_stride_seq) +
+                        row * static_cast<Index>(t.sin_stride_row) : 0);
 
     for (Index chunk = tx; chunk < chunks; chunk += plan.block_x) {
       const Index i0 = chunk * N;
@@ -276,11 +276,11 @@ ROPE_UNROLL
           }
         }
       } else if (in_table) {
-        const Index cos_si = static_cast<Index>(t.cos_si), sin_si = static_cast<Index>(t.sin_si);
+        const Index cos_stride_pair = static_cast<Index>(t.cos_stride_pair), sin_stride_pair = static_cast<Index>(t.sin_stride_pair);
 ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
-          c[j] = static_cast<T>(Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_si).v[0]);
-          sn[j] = sign * static_cast<T>(Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_si).v[0]);
+          c[j] = static_cast<T>(Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_stride_pair).v[0]);
+          sn[j] = sign * static_cast<T>(Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_stride_pair).v[0]);
         }
       } else if (computed) {
 ROPE_UNROLL
@@ -295,7 +295,7 @@ ROPE_UNROLL
         for (int j = 0; j < N; ++j) c[j] = sn[j] = std::numeric_limits<T>::quiet_NaN();
       }
       int64_t lo64, hi64;
-      chunk_offsets(i0, N, half, p.interleaved, lo64, hi64);
+      chunk_offsets(i0, N, pairs, p.interleaved, lo64, hi64);
       const Index lo_off = static_cast<Index>(lo64), hi_off = static_cast<Index>(hi64);
 
       for (Index h = h_begin; h < h_end; ++h) {
@@ -325,7 +325,7 @@ ROPE_UNROLL
     for (Index h = h_begin; h < h_end; ++h) {
       const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
       if (v.in_place) continue;
-      for (Index e = 2 * half + tx * N; e < v.head_dim; e += plan.block_x * N) {
+      for (Index e = 2 * pairs + tx * N; e < v.head_dim; e += plan.block_x * N) {
         Access::template store<scalar_t, N>(v.y + e * v.sd_out,
                                             Access::template load<scalar_t, N>(v.x + e * v.sd_in));
       }

@@ -14,7 +14,7 @@
 
 #include "cpu/rope_cpu.h"
 #include "cuda/rope_launch_config.h"
-#include "rope_ops.h"
+#include "rope_adapter.h"
 
 extern "C" {
 // `import rope_ext._C` loads this library, which runs the registrations below.

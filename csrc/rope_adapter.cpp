@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "rope_ops.h"
+#include "rope_adapter.h"
 
 namespace rope {
 namespace {
@@ -43,27 +43,29 @@ HeadsDesc describe(const at::Tensor& x, const at::Tensor& out) {
   const int o = x.dim() == 4 ? 1 : 0;
   h.heads = x.size(o + 1);
   h.head_dim = x.size(o + 2);
-  h.in_sb = o ? x.stride(0) : 0;
-  h.in_ss = x.stride(o);
-  h.in_sh = x.stride(o + 1);
-  h.in_sd = x.stride(o + 2);
-  h.out_sb = o ? out.stride(0) : 0;
-  h.out_ss = out.stride(o);
-  h.out_sh = out.stride(o + 1);
-  h.out_sd = out.stride(o + 2);
+  h.in_stride_batch = o ? x.stride(0) : 0;
+  h.in_stride_seq = x.stride(o);
+  h.in_stride_head = x.stride(o + 1);
+  h.in_stride_dim = x.stride(o + 2);
+  h.out_stride_batch = o ? out.stride(0) : 0;
+  h.out_stride_seq = out.stride(o);
+  h.out_stride_head = out.stride(o + 1);
+  h.out_stride_dim = out.stride(o + 2);
   return h;
 }
 
-// xs: the tensors to rotate (q alone, or q and k); outs: where the results go.
-RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
-                         const at::Tensor& cos, const at::Tensor& sin,
-                         const std::optional<at::Tensor>& positions, bool interleaved,
-                         bool inverse, const std::optional<at::Tensor>& inv_freq,
-                         double attention_factor) {
+const char* const* arg_names(int num_x) {
   static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
-  const char* const* name = names[num_x - 1];
+  return names[num_x - 1];
+}
+
+// Every check of a call's arguments but x's own (check_x, made before any output is
+// allocated). xs: the tensors to rotate (q alone, or q and k).
+void check_arguments(const at::Tensor* xs, int num_x, const at::Tensor& cos, const at::Tensor& sin,
+                     const std::optional<at::Tensor>& positions,
+                     const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  const char* const* name = arg_names(num_x);
   const at::Tensor& x = xs[0];
-  // xs were checked with check_x by the caller, before any output was allocated.
   if (num_x == 2) {
     const at::Tensor& k = xs[1];
     TORCH_CHECK_TYPE(k.scalar_type() == x.scalar_type(), "rope: q and k must have the same dtype,"
@@ -90,27 +92,13 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
   check_same_device(x, sin, name[0], "sin");
   TORCH_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3, "rope: cos must be [positions, rotary_dim/2]"
                     ", [batch, seq, rotary_dim/2] or [seq, rotary_dim/2], got shape ", cos.sizes());
-
-  RopeProblem p;
-  p.batch = batch;
-  p.seq = seq;
-  p.half = cos.size(-1);
-  p.interleaved = interleaved;
-  p.inverse = inverse;
-  p.x_dtype = x.scalar_type();
-  p.table_dtype = tdt;
-  p.cos = cos.const_data_ptr();
-  p.sin = sin.const_data_ptr();
+  const int64_t pairs = cos.size(-1);
   for (int i = 0; i < num_x; ++i) {
-    TORCH_CHECK_VALUE(2 * p.half <= xs[i].size(-1), "rope: the rotary dimension 2 * cos.size(-1) = ",
-                      2 * p.half, " exceeds ", name[i], "'s head_dim ", xs[i].size(-1),
+    TORCH_CHECK_VALUE(2 * pairs <= xs[i].size(-1), "rope: the rotary dimension 2 * cos.size(-1) = ",
+                      2 * pairs, " exceeds ", name[i], "'s head_dim ", xs[i].size(-1),
                       "; pass a table with at most head_dim / 2 columns");
   }
 
-  TableIndex& t = p.table;
-  t.cos_si = cos.stride(-1);
-  t.sin_si = sin.stride(-1);
-  t.rows = cos.size(0);
   if (positions.has_value()) {
     const at::Tensor& pos = *positions;
     TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
@@ -131,56 +119,98 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
                         ", positions must be [", batch, ", ", seq, "], [1, ", seq, "] or [", seq,
                         "], got shape ", pos.sizes());
     }
-    if (pos.scalar_type() == at::kInt) {
-      t.pos32 = pos.const_data_ptr<int32_t>();
-    } else {
-      t.pos64 = pos.const_data_ptr<int64_t>();
-    }
-    t.pos_ss = pos.stride(-1);
-    t.pos_sb = (pos.dim() == 2 && pos.size(0) > 1) ? pos.stride(0) : 0;
-    t.cos_sp = cos.stride(0);
     if (inv_freq.has_value()) {
       const at::Tensor& f = *inv_freq;
       TORCH_CHECK_TYPE(f.scalar_type() == at::kDouble, "rope: inv_freq must be float64 (the "
                        "exact frequencies of rope_frequencies), got ", f.scalar_type());
       check_same_device(x, f, name[0], "inv_freq");
-      TORCH_CHECK_VALUE(f.dim() == 1 && f.size(0) == p.half && (f.size(0) <= 1 || f.stride(0) == 1),
-                        "rope: inv_freq must be a contiguous [rotary_dim/2] = [", p.half,
+      TORCH_CHECK_VALUE(f.dim() == 1 && f.size(0) == pairs && (f.size(0) <= 1 || f.stride(0) == 1),
+                        "rope: inv_freq must be a contiguous [rotary_dim/2] = [", pairs,
                         "] tensor, got shape ", f.sizes());
       TORCH_CHECK_VALUE(std::isfinite(attention_factor) && attention_factor > 0,
                         "rope: attention_factor must be a positive finite number, got ",
                         attention_factor);
-      t.inv_freq = f.const_data_ptr<double>();
-      t.attention = attention_factor;
     }
-    t.sin_sp = sin.stride(0);
-  } else if (cos.dim() == 2) {
-    TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
-                      "the table, so it needs positions: pass them");
+    return;
+  }
+  TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
+                    "the table, so it needs positions: pass them");
+  if (cos.dim() == 2) {
     TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required: pass each token's position");
     TORCH_CHECK_VALUE(cos.size(0) >= seq, "rope: without positions, token s uses row s of cos, "
                       "but cos has ", cos.size(0), " rows and x has seq ", seq,
                       "; build a longer table or pass positions");
-    t.cos_ss = cos.stride(0);
-    t.sin_ss = sin.stride(0);
   } else {
-    TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
-                      "the table, so it needs positions: pass them");
     TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required and cos must be [positions, rotary_dim/2]");
     TORCH_CHECK_VALUE((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == seq,
                       "rope: a per-token cos must be [", batch, ", ", seq, ", rotary_dim/2] or [1, ",
                       seq, ", rotary_dim/2] for x of shape ", x.sizes(), ", got ", cos.sizes());
-    t.cos_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
-    t.sin_sb = sin.size(0) == 1 ? 0 : sin.stride(0);
-    t.cos_ss = cos.stride(1);
-    t.sin_ss = sin.stride(1);
   }
+}
 
+// The checked call as a RopeProblem: pointers, sizes and strides, for the kernels.
+// outs: where the results go (the xs themselves, in place).
+RopeProblem describe_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
+                             const at::Tensor& cos, const at::Tensor& sin,
+                             const std::optional<at::Tensor>& positions, bool interleaved,
+                             bool inverse, const std::optional<at::Tensor>& inv_freq,
+                             double attention_factor) {
+  const at::Tensor& x = xs[0];
+  const bool thd = x.dim() == 3;
+  RopeProblem p;
+  p.batch = thd ? 1 : x.size(0);
+  p.seq = thd ? x.size(0) : x.size(1);
+  p.pairs = cos.size(-1);
+  p.interleaved = interleaved;
+  p.inverse = inverse;
+  p.x_dtype = x.scalar_type();
+  p.table_dtype = cos.scalar_type();
+  p.cos = cos.const_data_ptr();
+  p.sin = sin.const_data_ptr();
   p.num_x = num_x;
   for (int i = 0; i < num_x; ++i) p.x[i] = describe(xs[i], outs[i]);
+
+  TableIndex& t = p.table;
+  t.cos_stride_pair = cos.stride(-1);
+  t.sin_stride_pair = sin.stride(-1);
+  t.rows = cos.size(0);
+  if (positions.has_value()) {  // a [P, r/2] table, rows picked by positions
+    const at::Tensor& pos = *positions;
+    if (pos.scalar_type() == at::kInt) {
+      t.pos32 = pos.const_data_ptr<int32_t>();
+    } else {
+      t.pos64 = pos.const_data_ptr<int64_t>();
+    }
+    t.pos_stride_seq = pos.stride(-1);
+    t.pos_stride_batch = (pos.dim() == 2 && pos.size(0) > 1) ? pos.stride(0) : 0;
+    t.cos_stride_row = cos.stride(0);
+    t.sin_stride_row = sin.stride(0);
+    if (inv_freq.has_value()) {
+      t.inv_freq = inv_freq->const_data_ptr<double>();
+      t.attention = attention_factor;
+    }
+  } else if (cos.dim() == 2) {  // [P >= seq, r/2]: row s for token s
+    t.cos_stride_seq = cos.stride(0);
+    t.sin_stride_seq = sin.stride(0);
+  } else {  // [batch | 1, seq, r/2]: one row per token
+    t.cos_stride_batch = cos.size(0) == 1 ? 0 : cos.stride(0);
+    t.sin_stride_batch = sin.size(0) == 1 ? 0 : sin.stride(0);
+    t.cos_stride_seq = cos.stride(1);
+    t.sin_stride_seq = sin.stride(1);
+  }
   return p;
+}
+
+RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
+                         const at::Tensor& cos, const at::Tensor& sin,
+                         const std::optional<at::Tensor>& positions, bool interleaved,
+                         bool inverse, const std::optional<at::Tensor>& inv_freq,
+                         double attention_factor) {
+  check_arguments(xs, num_x, cos, sin, positions, inv_freq, attention_factor);
+  return describe_problem(xs, outs, num_x, cos, sin, positions, interleaved, inverse, inv_freq,
+                          attention_factor);
 }
 
 // True when no two indices of x can reach the same element: with the dims of
