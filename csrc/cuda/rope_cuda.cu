@@ -1,7 +1,13 @@
 // The CUDA kernel: a thin __global__ wrapper around the body in rope_cuda_kernel.cuh
 // (which the host executor also runs, so CI executes this logic without a GPU),
-// the launcher, and the registration for torch.ops.rope.*. The grid choice and its
-// reasons are at the top of rope_cuda_kernel.cuh.
+// the launcher, and the registration for torch.ops.rope.*.
+//
+// Which grid serves which shape (the reasons at the top of rope_cuda_kernel.cuh):
+//  - prefill and training: one item per token with all heads of q and k, several tokens
+//    per block, each thread's cos/sin chunk read once and reused across the heads;
+//  - decode (too few tokens to fill the SMs): token x head-group items;
+//  - always at most one wave of blocks, striding over the items (persistent grid);
+//    16-byte accesses where aligned, 32-bit offsets where they fit.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
