@@ -2,6 +2,8 @@
 //
 // Every rejection names the argument and says what to pass instead: dtype
 // problems raise TypeError, everything else ValueError (docs/api.md section 8).
+#include "rope_adapter.h"
+
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
@@ -10,8 +12,6 @@
 #include <functional>
 #include <utility>
 #include <vector>
-
-#include "rope_adapter.h"
 
 namespace rope {
 namespace {
@@ -68,34 +68,43 @@ void check_arguments(const at::Tensor* xs, int num_x, const at::Tensor& cos, con
   const at::Tensor& x = xs[0];
   if (num_x == 2) {
     const at::Tensor& k = xs[1];
-    TORCH_CHECK_TYPE(k.scalar_type() == x.scalar_type(), "rope: q and k must have the same dtype,"
-                     " got q ", x.scalar_type(), " and k ", k.scalar_type());
+    TORCH_CHECK_TYPE(k.scalar_type() == x.scalar_type(),
+                     "rope: q and k must have the same dtype,"
+                     " got q ",
+                     x.scalar_type(), " and k ", k.scalar_type());
     check_same_device(x, k, "q", "k");
-    TORCH_CHECK_VALUE(k.dim() == x.dim() && k.sizes().slice(0, x.dim() - 2) ==
-                                                x.sizes().slice(0, x.dim() - 2),
-                      "rope: q and k must have the same leading (token) dimensions, got q ",
-                      x.sizes(), " and k ", k.sizes());
+    TORCH_CHECK_VALUE(
+        k.dim() == x.dim() && k.sizes().slice(0, x.dim() - 2) == x.sizes().slice(0, x.dim() - 2),
+        "rope: q and k must have the same leading (token) dimensions, got q ", x.sizes(), " and k ",
+        k.sizes());
   }
   const bool thd = x.dim() == 3;
   const int64_t batch = thd ? 1 : x.size(0);
   const int64_t seq = thd ? x.size(0) : x.size(1);
 
-  TORCH_CHECK_TYPE(cos.scalar_type() == sin.scalar_type(), "rope: cos and sin must have the same"
-                   " dtype, got cos ", cos.scalar_type(), " and sin ", sin.scalar_type());
+  TORCH_CHECK_TYPE(cos.scalar_type() == sin.scalar_type(),
+                   "rope: cos and sin must have the same"
+                   " dtype, got cos ",
+                   cos.scalar_type(), " and sin ", sin.scalar_type());
   const auto tdt = cos.scalar_type();
   TORCH_CHECK_TYPE(tdt == at::kFloat || tdt == at::kDouble || tdt == x.scalar_type(),
-                   "rope: cos must be float32, float64 or x's dtype (", x.scalar_type(),
-                   "), got ", tdt);
-  TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "rope: cos and sin must have the same shape, got"
-                    " cos ", cos.sizes(), " and sin ", sin.sizes());
+                   "rope: cos must be float32, float64 or x's dtype (", x.scalar_type(), "), got ",
+                   tdt);
+  TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(),
+                    "rope: cos and sin must have the same shape, got"
+                    " cos ",
+                    cos.sizes(), " and sin ", sin.sizes());
   check_same_device(x, cos, name[0], "cos");
   check_same_device(x, sin, name[0], "sin");
-  TORCH_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3, "rope: cos must be [positions, rotary_dim/2]"
-                    ", [batch, seq, rotary_dim/2] or [seq, rotary_dim/2], got shape ", cos.sizes());
+  TORCH_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3,
+                    "rope: cos must be [positions, rotary_dim/2]"
+                    ", [batch, seq, rotary_dim/2] or [seq, rotary_dim/2], got shape ",
+                    cos.sizes());
   const int64_t pairs = cos.size(-1);
   for (int i = 0; i < num_x; ++i) {
-    TORCH_CHECK_VALUE(2 * pairs <= xs[i].size(-1), "rope: the rotary dimension 2 * cos.size(-1) = ",
-                      2 * pairs, " exceeds ", name[i], "'s head_dim ", xs[i].size(-1),
+    TORCH_CHECK_VALUE(2 * pairs <= xs[i].size(-1),
+                      "rope: the rotary dimension 2 * cos.size(-1) = ", 2 * pairs, " exceeds ",
+                      name[i], "'s head_dim ", xs[i].size(-1),
                       "; pass a table with at most head_dim / 2 columns");
   }
 
@@ -104,25 +113,30 @@ void check_arguments(const at::Tensor* xs, int num_x, const at::Tensor& cos, con
     TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
                      "rope: positions must be int32 or int64, got ", pos.scalar_type());
     check_same_device(x, pos, name[0], "positions");
-    TORCH_CHECK_VALUE(cos.dim() == 2, "rope: with positions, cos and sin must be a table "
-                      "[positions, rotary_dim/2], got cos of shape ", cos.sizes(),
-                      "; pass positions=None for a per-token table");
+    TORCH_CHECK_VALUE(cos.dim() == 2,
+                      "rope: with positions, cos and sin must be a table "
+                      "[positions, rotary_dim/2], got cos of shape ",
+                      cos.sizes(), "; pass positions=None for a per-token table");
     if (thd) {
-      TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == seq, "rope: for x of shape [tokens, "
-                        "heads, head_dim] = ", x.sizes(), ", positions must be [tokens] = [", seq,
-                        "], got shape ", pos.sizes());
+      TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == seq,
+                        "rope: for x of shape [tokens, "
+                        "heads, head_dim] = ",
+                        x.sizes(), ", positions must be [tokens] = [", seq, "], got shape ",
+                        pos.sizes());
     } else {
-      const bool ok = (pos.dim() == 1 && pos.size(0) == seq) ||
-                      (pos.dim() == 2 && (pos.size(0) == batch || pos.size(0) == 1) &&
-                       pos.size(1) == seq);
+      const bool ok =
+          (pos.dim() == 1 && pos.size(0) == seq) ||
+          (pos.dim() == 2 && (pos.size(0) == batch || pos.size(0) == 1) && pos.size(1) == seq);
       TORCH_CHECK_VALUE(ok, "rope: for x of shape [batch, seq, heads, head_dim] = ", x.sizes(),
                         ", positions must be [", batch, ", ", seq, "], [1, ", seq, "] or [", seq,
                         "], got shape ", pos.sizes());
     }
     if (inv_freq.has_value()) {
       const at::Tensor& f = *inv_freq;
-      TORCH_CHECK_TYPE(f.scalar_type() == at::kDouble, "rope: inv_freq must be float64 (the "
-                       "exact frequencies of rope_frequencies), got ", f.scalar_type());
+      TORCH_CHECK_TYPE(f.scalar_type() == at::kDouble,
+                       "rope: inv_freq must be float64 (the "
+                       "exact frequencies of rope_frequencies), got ",
+                       f.scalar_type());
       check_same_device(x, f, name[0], "inv_freq");
       TORCH_CHECK_VALUE(f.dim() == 1 && f.size(0) == pairs && (f.size(0) <= 1 || f.stride(0) == 1),
                         "rope: inv_freq must be a contiguous [rotary_dim/2] = [", pairs,
@@ -133,20 +147,26 @@ void check_arguments(const at::Tensor* xs, int num_x, const at::Tensor& cos, con
     }
     return;
   }
-  TORCH_CHECK_VALUE(!inv_freq.has_value(), "rope: inv_freq computes the rows of positions past "
+  TORCH_CHECK_VALUE(!inv_freq.has_value(),
+                    "rope: inv_freq computes the rows of positions past "
                     "the table, so it needs positions: pass them");
   if (cos.dim() == 2) {
-    TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
+    TORCH_CHECK_VALUE(!thd,
+                      "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required: pass each token's position");
-    TORCH_CHECK_VALUE(cos.size(0) >= seq, "rope: without positions, token s uses row s of cos, "
-                      "but cos has ", cos.size(0), " rows and x has seq ", seq,
+    TORCH_CHECK_VALUE(cos.size(0) >= seq,
+                      "rope: without positions, token s uses row s of cos, "
+                      "but cos has ",
+                      cos.size(0), " rows and x has seq ", seq,
                       "; build a longer table or pass positions");
   } else {
-    TORCH_CHECK_VALUE(!thd, "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
+    TORCH_CHECK_VALUE(!thd,
+                      "rope: x of shape [tokens, heads, head_dim] is packed, so positions "
                       "is required and cos must be [positions, rotary_dim/2]");
     TORCH_CHECK_VALUE((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == seq,
-                      "rope: a per-token cos must be [", batch, ", ", seq, ", rotary_dim/2] or [1, ",
-                      seq, ", rotary_dim/2] for x of shape ", x.sizes(), ", got ", cos.sizes());
+                      "rope: a per-token cos must be [", batch, ", ", seq,
+                      ", rotary_dim/2] or [1, ", seq, ", rotary_dim/2] for x of shape ", x.sizes(),
+                      ", got ", cos.sizes());
   }
 }
 
@@ -205,9 +225,8 @@ RopeProblem describe_problem(const at::Tensor* xs, const at::Tensor* outs, int n
 
 RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
                          const at::Tensor& cos, const at::Tensor& sin,
-                         const std::optional<at::Tensor>& positions, bool interleaved,
-                         bool inverse, const std::optional<at::Tensor>& inv_freq,
-                         double attention_factor) {
+                         const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                         const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_arguments(xs, num_x, cos, sin, positions, inv_freq, attention_factor);
   return describe_problem(xs, outs, num_x, cos, sin, positions, interleaved, inverse, inv_freq,
                           attention_factor);
@@ -262,7 +281,8 @@ bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
       k_span += (k.size(d) - 1) * k.stride(d);
     }
   }
-  std::sort(dims.begin(), dims.end(), [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
+  std::sort(dims.begin(), dims.end(),
+            [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
   // reach_lo[i], reach_hi[i]: the range of sum_{j >= i} (a_j - b_j) * stride_j.
   std::vector<int64_t> reach_lo(dims.size() + 1, 0), reach_hi(dims.size() + 1, 0);
   for (int64_t i = static_cast<int64_t>(dims.size()) - 1; i >= 0; --i) {
@@ -290,33 +310,28 @@ bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
   return search(0, delta - q_span, delta + k_span);
 }
 
-// The layout rule the fake kernel mirrors: torch.empty_like(x), which for a dense x is
-// x's own strides; taken directly here (empty_like's option merging costs a decode step
-// a tenth of a microsecond).
-at::Tensor output_like(const at::Tensor& x) {
-  return x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
-                                          : at::empty_like(x);
-}
-
-bool empty(const RopeProblem& p) {
-  return p.batch == 0 || p.seq == 0;
-}
+bool empty(const RopeProblem& p) { return p.batch == 0 || p.seq == 0; }
 
 }  // namespace
 
 at::Tensor apply(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                 const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(x, "x");
-  at::Tensor out = output_like(x);
-  const RopeProblem p = make_problem(&x, &out, 1, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  // The layout rule the fake kernel mirrors: torch.empty_like(x).
+  at::Tensor out = at::empty_like(x);
+  const RopeProblem p = make_problem(&x, &out, 1, cos, sin, positions, interleaved, inverse,
+                                     inv_freq, attention_factor);
   if (!empty(p)) kernel(p);
   return out;
 }
 
 void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-            const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+            const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+            const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(x, "x");
-  const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  const RopeProblem p = make_problem(&x, &x, 1, cos, sin, positions, interleaved, inverse, inv_freq,
+                                     attention_factor);
   check_writable(x, "x");
   if (!empty(p)) kernel(p);
 }
@@ -324,27 +339,31 @@ void apply_(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at:
 std::tuple<at::Tensor, at::Tensor> apply_qk(Kernel kernel, const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& cos, const at::Tensor& sin,
                                             const std::optional<at::Tensor>& positions,
-                                            bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                                            bool interleaved, bool inverse,
+                                            const std::optional<at::Tensor>& inv_freq,
+                                            double attention_factor) {
   check_x(q, "q");
   check_x(k, "k");
   const at::Tensor xs[2] = {q, k};
-  const at::Tensor outs[2] = {output_like(q), output_like(k)};
-  const RopeProblem p = make_problem(xs, outs, 2, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  const at::Tensor outs[2] = {at::empty_like(q), at::empty_like(k)};
+  const RopeProblem p = make_problem(xs, outs, 2, cos, sin, positions, interleaved, inverse,
+                                     inv_freq, attention_factor);
   if (!empty(p)) kernel(p);
   return {outs[0], outs[1]};
 }
 
 void apply_qk_(Kernel kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
-               bool inverse, const std::optional<at::Tensor>& inv_freq,
-               double attention_factor) {
+               bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_x(q, "q");
   check_x(k, "k");
   const at::Tensor xs[2] = {q, k};
-  const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  const RopeProblem p = make_problem(xs, xs, 2, cos, sin, positions, interleaved, inverse, inv_freq,
+                                     attention_factor);
   check_writable(q, "q");
   check_writable(k, "k");
-  TORCH_CHECK_VALUE(!may_share_elements(q, k), "rope: q and k share elements; rotating them in "
+  TORCH_CHECK_VALUE(!may_share_elements(q, k),
+                    "rope: q and k share elements; rotating them in "
                     "place would rotate those twice. Pass disjoint views (q and k sliced from one "
                     "fused qkv buffer are fine) or use the functional op");
   if (!empty(p)) kernel(p);

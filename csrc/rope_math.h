@@ -32,10 +32,11 @@ namespace rope {
 struct TableIndex {
   const int32_t* pos32 = nullptr;  // at most one of pos32 / pos64 is set
   const int64_t* pos64 = nullptr;
-  int64_t pos_stride_batch = 0, pos_stride_seq = 0;  // positions [batch, seq] strides; pos_stride_batch = 0 for [seq]
+  int64_t pos_stride_batch = 0,
+          pos_stride_seq = 0;  // positions [batch, seq] strides; pos_stride_batch = 0 for [seq]
   int64_t cos_stride_batch = 0, cos_stride_seq = 0, cos_stride_row = 0, cos_stride_pair = 1;
   int64_t sin_stride_batch = 0, sin_stride_seq = 0, sin_stride_row = 0, sin_stride_pair = 1;
-  int64_t rows = 0;                // table rows P (positions must lie in [0, P))
+  int64_t rows = 0;  // table rows P (positions must lie in [0, P))
   // Set (with positions): a position in [P, 2**31) gets the row cos_sin_table would
   // hold, A cos(pos theta_i) and A sin(pos theta_i) in float64, computed in the kernel.
   const double* inv_freq = nullptr;
@@ -47,8 +48,7 @@ constexpr int64_t kMaxComputedPosition = int64_t{1} << 31;
 
 // The table value for position pos and pair i, as cos_sin_table makes it: the angle and
 // its cos/sin in float64, times A, rounded once to the table's dtype by the caller.
-ROPE_HD void computed_row_value(const TableIndex& t, int64_t pos, int64_t i, double& c,
-                                double& s) {
+ROPE_HD void computed_row_value(const TableIndex& t, int64_t pos, int64_t i, double& c, double& s) {
   const double angle = static_cast<double>(pos) * t.inv_freq[i];
   c = t.attention * cos(angle);
   s = t.attention * sin(angle);
@@ -99,11 +99,11 @@ template <int N, typename T>
 ROPE_HD void rotate_chunk(T (&lo)[N], T (&hi)[N], const T (&c)[N], const T (&s)[N],
                           bool interleaved) {
   if (!interleaved) {
-ROPE_UNROLL
+    ROPE_UNROLL
     for (int j = 0; j < N; ++j) rotate_pair(lo[j], hi[j], c[j], s[j]);
     return;
   }
-ROPE_UNROLL
+  ROPE_UNROLL
   for (int j = 0; j < N; ++j) {
     // Slots 2j and 2j+1 of lo ++ hi; both fall in the same run since N is 1 or even.
     T& a = 2 * j < N ? lo[2 * j] : hi[2 * j - N];

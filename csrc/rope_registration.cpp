@@ -3,8 +3,8 @@
 // (rope_ext/_ops.py). Autograd lives here, in C++, so that a call from Python reaches
 // the kernel without running any Python on the way (a decode step's whole cost on a
 // GPU is this host path).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <Python.h>
 #include <torch/csrc/autograd/function.h>
@@ -28,26 +28,34 @@ namespace rope {
 namespace {
 
 at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
-  return apply(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                     const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  return apply(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse, inv_freq,
+               attention_factor);
 }
 
 void apply_cpu_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   apply_(cpu::rope_cpu, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_qk_cpu(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& cos, const at::Tensor& sin,
                                                 const std::optional<at::Tensor>& positions,
-                                                bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
-  return apply_qk(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+                                                bool interleaved, bool inverse,
+                                                const std::optional<at::Tensor>& inv_freq,
+                                                double attention_factor) {
+  return apply_qk(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq,
+                  attention_factor);
 }
 
 void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                    const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                   bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
-  apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+                   bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq,
+                   double attention_factor) {
+  apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq,
+            attention_factor);
 }
 
 // --- autograd of the functional ops: a rotation is orthogonal, so its gradient is
@@ -65,16 +73,26 @@ using ApplyQkFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at
                                                      const std::optional<at::Tensor>&, bool, bool,
                                                      const std::optional<at::Tensor>&, double);
 
-// The op's handle, looked up once (a lookup per call would cost a hash and a lock).
 template <typename Fn>
-const c10::TypedOperatorHandle<Fn>& dispatcher_op(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// Each op's handle, looked up once (a lookup per call would cost a hash and a lock).
+const c10::TypedOperatorHandle<ApplyFn>& apply_op() {
+  static const auto op = find_op<ApplyFn>("rope::apply");
+  return op;
+}
+
+const c10::TypedOperatorHandle<ApplyQkFn>& apply_qk_op() {
+  static const auto op = find_op<ApplyQkFn>("rope::apply_qk");
   return op;
 }
 
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
-  return dispatcher_op<ApplyFn>("rope::apply").call(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                  const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+  return apply_op().call(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 // Backward of apply (one input) or apply_qk (two): each incoming gradient rotated back.
@@ -89,11 +107,12 @@ struct RopeBackward : public torch::autograd::Node {
     const at::Tensor c = cos.unpack(), s = sin.unpack(), p = positions.unpack();
     const at::Tensor f = inv_freq.unpack();
     const std::optional<at::Tensor> pos = p.defined() ? std::optional<at::Tensor>(p) : std::nullopt;
-    const std::optional<at::Tensor> freq = f.defined() ? std::optional<at::Tensor>(f) : std::nullopt;
+    const std::optional<at::Tensor> freq =
+        f.defined() ? std::optional<at::Tensor>(f) : std::nullopt;
     torch::autograd::variable_list out(grads.size());
     if (grads.size() == 2 && grads[0].defined() && grads[1].defined()) {
-      std::tie(out[0], out[1]) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
-          grads[0], grads[1], c, s, pos, interleaved, !inverse, freq, attention_factor);
+      std::tie(out[0], out[1]) = apply_qk_op().call(grads[0], grads[1], c, s, pos, interleaved,
+                                                    !inverse, freq, attention_factor);
       return out;
     }
     // An output nobody used has no gradient, and gives none.
@@ -114,9 +133,7 @@ struct RopeBackward : public torch::autograd::Node {
 };
 
 // Without a gradient to track (inference, decode under generate) no node is made.
-bool needs_graph(const at::Tensor& x) {
-  return at::GradMode::is_enabled() && x.requires_grad();
-}
+bool needs_graph(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
 
 // A graph node is held by std::shared_ptr up to torch 2.12 and by c10::intrusive_ptr
 // from 2.13; Edge::function names whichever this torch uses.
@@ -132,7 +149,8 @@ NodePtr new_node() {
 }
 
 NodePtr make_node(const at::Tensor& cos, const at::Tensor& sin,
-                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                  const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   NodePtr node = new_node<RopeBackward>();
   auto* rope = static_cast<RopeBackward*>(node.get());
   rope->cos = torch::autograd::SavedVariable(cos, false);
@@ -149,11 +167,14 @@ NodePtr make_node(const at::Tensor& cos, const at::Tensor& sin,
 // so the output's tangent is the input's tangent rotated the same way.
 void set_forward_grad(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
                       const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                      bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                      bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq,
+                      double attention_factor) {
   const at::Tensor& tangent = x._fw_grad(/*level=*/0);
   if (tangent.defined()) {
-    out._set_fw_grad(rotate(tangent, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor), /*level=*/0,
-                     /*is_inplace_op=*/false);
+    out._set_fw_grad(
+        rotate(tangent, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor),
+        /*level=*/0,
+        /*is_inplace_op=*/false);
   }
 }
 
@@ -179,7 +200,9 @@ at::Tensor apply_autograd(const at::Tensor& x, const at::Tensor& cos, const at::
 std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& cos, const at::Tensor& sin,
                                                      const std::optional<at::Tensor>& positions,
-                                                     bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                                                     bool interleaved, bool inverse,
+                                                     const std::optional<at::Tensor>& inv_freq,
+                                                     double attention_factor) {
   NodePtr node;
   if (needs_graph(q) || needs_graph(k)) {
     node = make_node(cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
@@ -188,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const 
   at::Tensor q_out, k_out;
   {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(q_out, k_out) = dispatcher_op<ApplyQkFn>("rope::apply_qk").call(
-        q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+    std::tie(q_out, k_out) = apply_qk_op().call(q, k, cos, sin, positions, interleaved, inverse,
+                                                inv_freq, attention_factor);
   }
   if (node) {
     torch::autograd::set_history(q_out, node);
@@ -205,17 +228,17 @@ std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const 
 // wrong gradient, they refuse tensors that need one and otherwise run below
 // autograd, bumping the version counters of what they wrote.
 void check_no_grad(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad()), "rope: ", name,
-                    " requires grad, and the in-place rotation is not differentiable; use the "
-                    "functional form (apply_rope(..., inplace=False)) or run under torch.no_grad()");
+  TORCH_CHECK_VALUE(
+      !(at::GradMode::is_enabled() && x.requires_grad()), "rope: ", name,
+      " requires grad, and the in-place rotation is not differentiable; use the "
+      "functional form (apply_rope(..., inplace=False)) or run under torch.no_grad()");
 }
 
 void apply_autograd_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                     const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   check_no_grad(x, "x");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rope::apply_", "")
-                             .typed<decltype(apply_cpu_)>();
+  static const auto op = find_op<decltype(apply_cpu_)>("rope::apply_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.call(x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
@@ -225,12 +248,11 @@ void apply_autograd_(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 
 void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                         const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                        bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                        bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq,
+                        double attention_factor) {
   check_no_grad(q, "q");
   check_no_grad(k, "k");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rope::apply_qk_", "")
-                             .typed<decltype(apply_qk_cpu_)>();
+  static const auto op = find_op<decltype(apply_qk_cpu_)>("rope::apply_qk_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.call(q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
@@ -247,19 +269,23 @@ TORCH_LIBRARY(rope, m) {
   // inv_freq (float64 [r/2], with positions): a position past the table's rows gets the
   // row cos_sin_table(inv_freq, ..., attention_factor) would hold, computed in the kernel,
   // instead of an error (CPU) or NaN (CUDA). RotaryEmbedding passes it.
-  m.def("apply(Tensor x, Tensor cos, Tensor sin, Tensor? positions=None, bool interleaved=False, "
-        "bool inverse=False, Tensor? inv_freq=None, float attention_factor=1.0) -> Tensor");
+  m.def(
+      "apply(Tensor x, Tensor cos, Tensor sin, Tensor? positions=None, bool interleaved=False, "
+      "bool inverse=False, Tensor? inv_freq=None, float attention_factor=1.0) -> Tensor");
   // The same, in place on x.
-  m.def("apply_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
-        "float attention_factor=1.0) -> ()");
+  m.def(
+      "apply_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? positions=None, "
+      "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+      "float attention_factor=1.0) -> ()");
   // q and k in one pass: each table row is read once per token for both.
-  m.def("apply_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
-        "float attention_factor=1.0) -> (Tensor, Tensor)");
-  m.def("apply_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None, "
-        "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
-        "float attention_factor=1.0) -> ()");
+  m.def(
+      "apply_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions=None, "
+      "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+      "float attention_factor=1.0) -> (Tensor, Tensor)");
+  m.def(
+      "apply_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None, "
+      "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
+      "float attention_factor=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rope, CPU, m) {
@@ -273,12 +299,10 @@ TORCH_LIBRARY_IMPL(rope, CPU, m) {
 // (an instruction set, or the CUDA kernel's host executor), the CUDA launch
 // thresholds, and the plan of the last host-executed launch.
 TORCH_LIBRARY(rope_testing, m) {
-  m.def("set_cpu_kernel(str kernel) -> str", [](c10::string_view kernel) {
-    return cpu::set_cpu_kernel(std::string(kernel));
-  });
-  m.def("set_cuda_launch(str config) -> str", [](c10::string_view config) {
-    return cuda::set_launch_config(std::string(config));
-  });
+  m.def("set_cpu_kernel(str kernel) -> str",
+        [](c10::string_view kernel) { return cpu::set_cpu_kernel(std::string(kernel)); });
+  m.def("set_cuda_launch(str config) -> str",
+        [](c10::string_view config) { return cuda::set_launch_config(std::string(config)); });
   m.def("last_host_plan() -> str", [] { return cuda::last_host_plan(); });
   // float32 -> bf16/fp16 as the selected CPU kernel rounds its stores.
   m.def("narrow_as_stored(Tensor x, ScalarType dtype) -> Tensor",

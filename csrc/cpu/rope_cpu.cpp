@@ -53,7 +53,8 @@ Kernel parse(const std::string& name, const char* origin) {
   for (int k = 0; k <= static_cast<int>(Kernel::kWidest); ++k) {
     if (name == kNames[k]) return static_cast<Kernel>(k);
   }
-  TORCH_CHECK_VALUE(false, "rope: ", origin, " '", name, "' is not a CPU kernel; choose auto, "
+  TORCH_CHECK_VALUE(false, "rope: ", origin, " '", name,
+                    "' is not a CPU kernel; choose auto, "
                     "default, avx2, avx512, avx512_bf16 or cuda-host");
 }
 
@@ -90,8 +91,9 @@ void check_positions(const RopeProblem& p) {
     return;
   }
   TORCH_CHECK_VALUE(hi < t.rows, "rope: positions must lie in [0, ", t.rows, ") for a table of ",
-                    t.rows, " rows (cos.size(0)), got ", hi, "; build a table with max_positions > ",
-                    hi, " (cos_sin_table, or RotaryEmbedding(max_positions=...))");
+                    t.rows, " rows (cos.size(0)), got ", hi,
+                    "; build a table with max_positions > ", hi,
+                    " (cos_sin_table, or RotaryEmbedding(max_positions=...))");
 }
 }  // namespace
 
@@ -106,30 +108,36 @@ std::string set_cpu_kernel(const std::string& name) {
 Kernel isa_in_force(Kernel want) {
   static const Kernel widest = widest_isa();
   return built(want == Kernel::kWidest || want == Kernel::kCudaHost ? widest
-                                                                     : std::min(want, widest));
+                                                                    : std::min(want, widest));
 }
 
 // Calls the entry point `fn` of the namespace of instruction set `isa`.
-#define ROPE_CPU_DISPATCH(isa, fn, ...)              \
-  switch (isa) {                                     \
-    ROPE_CASE_AVX512_BF16(fn, __VA_ARGS__)           \
-    ROPE_CASE_AVX512(fn, __VA_ARGS__)                \
-    ROPE_CASE_AVX2(fn, __VA_ARGS__)                  \
-    default:                                         \
-      return DEFAULT::fn(__VA_ARGS__);               \
+#define ROPE_CPU_DISPATCH(isa, fn, ...)    \
+  switch (isa) {                           \
+    ROPE_CASE_AVX512_BF16(fn, __VA_ARGS__) \
+    ROPE_CASE_AVX512(fn, __VA_ARGS__)      \
+    ROPE_CASE_AVX2(fn, __VA_ARGS__)        \
+    default:                               \
+      return DEFAULT::fn(__VA_ARGS__);     \
   }
 #if defined(ROPE_EXT_HAVE_AVX512_BF16)
-#define ROPE_CASE_AVX512_BF16(fn, ...) case Kernel::kAvx512Bf16: return AVX512_BF16::fn(__VA_ARGS__);
+#define ROPE_CASE_AVX512_BF16(fn, ...) \
+  case Kernel::kAvx512Bf16:            \
+    return AVX512_BF16::fn(__VA_ARGS__);
 #else
 #define ROPE_CASE_AVX512_BF16(fn, ...)
 #endif
 #if defined(ROPE_EXT_HAVE_AVX512)
-#define ROPE_CASE_AVX512(fn, ...) case Kernel::kAvx512: return AVX512::fn(__VA_ARGS__);
+#define ROPE_CASE_AVX512(fn, ...) \
+  case Kernel::kAvx512:           \
+    return AVX512::fn(__VA_ARGS__);
 #else
 #define ROPE_CASE_AVX512(fn, ...)
 #endif
 #if defined(ROPE_EXT_HAVE_AVX2)
-#define ROPE_CASE_AVX2(fn, ...) case Kernel::kAvx2: return AVX2::fn(__VA_ARGS__);
+#define ROPE_CASE_AVX2(fn, ...) \
+  case Kernel::kAvx2:           \
+    return AVX2::fn(__VA_ARGS__);
 #else
 #define ROPE_CASE_AVX2(fn, ...)
 #endif

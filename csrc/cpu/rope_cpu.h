@@ -8,10 +8,10 @@
 namespace rope::cpu {
 // Each instruction-set variant's entry points (one namespace per CPU_CAPABILITY):
 // the kernel, and its float32 -> bf16/fp16 rounding (for tests/test_narrowing.py).
-#define ROPE_CPU_VARIANT(isa)                                                           \
-  namespace isa {                                                                       \
-  void rope_cpu_kernel(const RopeProblem& p);                                           \
-  void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n);     \
+#define ROPE_CPU_VARIANT(isa)                                                      \
+  namespace isa {                                                                  \
+  void rope_cpu_kernel(const RopeProblem& p);                                      \
+  void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n); \
   }
 ROPE_CPU_VARIANT(DEFAULT)
 ROPE_CPU_VARIANT(AVX2)

@@ -12,13 +12,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <c10/util/SmallVector.h>
 
 #include <algorithm>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -72,11 +72,10 @@ struct Block {
       const __m512 smallest_normal = _mm512_set1_ps(std::numeric_limits<float>::min());
       const __m512 zero = _mm512_setzero_ps();
       const __m512 abs_lo = _mm512_abs_ps(lo), abs_hi = _mm512_abs_ps(hi);
-      const __mmask16 subnormal =
-          (_mm512_cmp_ps_mask(abs_lo, smallest_normal, _CMP_LT_OQ) &
-           _mm512_cmp_ps_mask(abs_lo, zero, _CMP_GT_OQ)) |
-          (_mm512_cmp_ps_mask(abs_hi, smallest_normal, _CMP_LT_OQ) &
-           _mm512_cmp_ps_mask(abs_hi, zero, _CMP_GT_OQ));
+      const __mmask16 subnormal = (_mm512_cmp_ps_mask(abs_lo, smallest_normal, _CMP_LT_OQ) &
+                                   _mm512_cmp_ps_mask(abs_lo, zero, _CMP_GT_OQ)) |
+                                  (_mm512_cmp_ps_mask(abs_hi, smallest_normal, _CMP_LT_OQ) &
+                                   _mm512_cmp_ps_mask(abs_hi, zero, _CMP_GT_OQ));
       if (subnormal == 0) {
         return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
       }
@@ -177,8 +176,8 @@ void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scal
 // kernel's scalar path runs it.
 template <typename scalar_t>
 void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd,
-                         const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
-                         int64_t pairs, bool interleaved) {
+                         const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s, int64_t pairs,
+                         bool interleaved) {
   using T = opmath_t<scalar_t>;
   for (int64_t i = 0; i < pairs; ++i) {
     int64_t lo_off, hi_off;
@@ -194,8 +193,7 @@ void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ys
 
 // x[r:] of the functional op: copied, since the output is a fresh tensor.
 template <typename scalar_t>
-void copy_tail(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd, int64_t from,
-               int64_t to) {
+void copy_tail(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd, int64_t from, int64_t to) {
   if (xsd == 1 && ysd == 1) {
     std::memcpy(y + from, x + from, (to - from) * sizeof(scalar_t));
     return;
@@ -229,7 +227,8 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
   const table_t* cp = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
   const table_t* sp = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
   if constexpr (std::is_same_v<table_t, T>) {
-    if (!p.inverse && t.cos_stride_pair == 1 && t.sin_stride_pair == 1 && p.pairs % Block<scalar_t>::kSize == 0) {
+    if (!p.inverse && t.cos_stride_pair == 1 && t.sin_stride_pair == 1 &&
+        p.pairs % Block<scalar_t>::kSize == 0) {
       return {cp, sp};
     }
   }
@@ -250,8 +249,10 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
     const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf, s_buf);
     for (int k = 0; k < p.num_x; ++k) {
       const HeadsDesc& h = p.x[k];
-      const scalar_t* xin = static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
-      scalar_t* xout = static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+      const scalar_t* xin =
+          static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
+      scalar_t* xout =
+          static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
       const bool in_place = h.in == h.out;
       const bool unit = h.in_stride_dim == 1 && h.out_stride_dim == 1;
       for (int64_t head = 0; head < h.heads; ++head) {
@@ -262,9 +263,11 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
         } else if (unit) {
           rotate_head_half_split<kStream>(xi, yo, c, sn, p.pairs);
         } else {
-          rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs, p.interleaved);
+          rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs,
+                              p.interleaved);
         }
-        if (!in_place) copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
+        if (!in_place)
+          copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
       }
     }
   }
@@ -289,8 +292,8 @@ void rope_cpu_typed(const RopeProblem& p) {
       !in_place && tokens * work_per_token * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   // Enough elements per task that the thread hand-off is paid for.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_token);
-  const int64_t padded = (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize *
-                         Block<scalar_t>::kSize;
+  const int64_t padded =
+      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     // On the stack for every head size models use (a heap allocation costs a decode step).

@@ -39,9 +39,9 @@ struct DeviceAccess {
 
 template <typename scalar_t, typename table_t, int N, typename Index>
 __global__ void rope_kernel(const RopeProblem p, const LaunchPlan plan) {
-  rope_thread<scalar_t, table_t, N, Index, DeviceAccess>(
-      p, plan, static_cast<Index>(blockIdx.x), static_cast<Index>(threadIdx.x),
-      static_cast<Index>(threadIdx.y));
+  rope_thread<scalar_t, table_t, N, Index, DeviceAccess>(p, plan, static_cast<Index>(blockIdx.x),
+                                                         static_cast<Index>(threadIdx.x),
+                                                         static_cast<Index>(threadIdx.y));
 }
 
 struct DeviceRunner {
@@ -49,7 +49,8 @@ struct DeviceRunner {
   template <typename scalar_t, typename table_t, int N, typename Index>
   void run(const RopeProblem& p, const LaunchPlan& plan) {
     rope_kernel<scalar_t, table_t, N, Index>
-        <<<static_cast<unsigned>(plan.grid), dim3(plan.block_x, plan.block_y), 0, stream>>>(p, plan);
+        <<<static_cast<unsigned>(plan.grid), dim3(plan.block_x, plan.block_y), 0, stream>>>(p,
+                                                                                            plan);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -77,13 +78,15 @@ void rope_cuda(const RopeProblem& p) {
 // --- registration: the device guard here, the shared checks in rope_adapter.cpp ---
 
 at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                      const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                      const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                      const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(x.device());
   return apply(rope_cuda, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
 void apply_cuda_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
+                 const std::optional<at::Tensor>& inv_freq, double attention_factor) {
   const c10::cuda::CUDAGuard guard(x.device());
   apply_(rope_cuda, x, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
@@ -91,14 +94,18 @@ void apply_cuda_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
 std::tuple<at::Tensor, at::Tensor> apply_qk_cuda(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& cos, const at::Tensor& sin,
                                                  const std::optional<at::Tensor>& positions,
-                                                 bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                                                 bool interleaved, bool inverse,
+                                                 const std::optional<at::Tensor>& inv_freq,
+                                                 double attention_factor) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return apply_qk(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
+  return apply_qk(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq,
+                  attention_factor);
 }
 
 void apply_qk_cuda_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                    bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq, double attention_factor) {
+                    bool interleaved, bool inverse, const std::optional<at::Tensor>& inv_freq,
+                    double attention_factor) {
   const c10::cuda::CUDAGuard guard(q.device());
   apply_qk_(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }

@@ -9,8 +9,6 @@
 // The tests select it with torch.ops.rope_testing.set_cpu_kernel("cuda-host").
 // Built with -ffp-contract=off (setup.py), like the device code's -fmad=false, so
 // the arithmetic is the GPU's operation for operation.
-#include "rope_launch_config.h"
-
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -20,6 +18,8 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+
+#include "rope_launch_config.h"
 
 namespace rope::cuda {
 namespace {
@@ -58,8 +58,8 @@ thread_local LaunchCheck* current_check = nullptr;
 struct CheckedHostAccess {
   template <typename T, int N>
   static void check_aligned(const T* p, const char* what) {
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, N>) == 0, "rope cuda-host: ",
-                what, " of ", sizeof(Pack<T, N>), " bytes at address ", static_cast<const void*>(p),
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, N>) == 0, "rope cuda-host: ", what,
+                " of ", sizeof(Pack<T, N>), " bytes at address ", static_cast<const void*>(p),
                 ", which is not ", sizeof(Pack<T, N>), "-byte aligned (a GPU would fault)");
   }
   template <typename T, int N>
@@ -94,7 +94,7 @@ struct HostRunner {
 // Every element the launch had to write, stored exactly once, and nothing else stored.
 void check_stores(const RopeProblem& p, LaunchCheck& check) {
   static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
-  const int64_t elem = element_size(p.x_dtype);
+  const int64_t elem = c10::elementSize(p.x_dtype);
   int64_t expected = 0;
   for (int i = 0; i < p.num_x; ++i) {
     const HeadsDesc& d = p.x[i];
@@ -104,8 +104,10 @@ void check_stores(const RopeProblem& p, LaunchCheck& check) {
       for (int64_t s = 0; s < p.seq; ++s) {
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t e = 0; e < dims; ++e) {
-            const int64_t off = b * d.out_stride_batch + s * d.out_stride_seq + h * d.out_stride_head + e * d.out_stride_dim;
-            const auto addr = reinterpret_cast<uintptr_t>(d.out) + static_cast<uintptr_t>(off * elem);
+            const int64_t off = b * d.out_stride_batch + s * d.out_stride_seq +
+                                h * d.out_stride_head + e * d.out_stride_dim;
+            const auto addr =
+                reinterpret_cast<uintptr_t>(d.out) + static_cast<uintptr_t>(off * elem);
             const auto it = check.stores.find(addr);
             const uint32_t times = it == check.stores.end() ? 0 : it->second;
             TORCH_CHECK(times == 1, "rope cuda-host: output element ", names[p.num_x - 1][i], "[",
@@ -117,8 +119,10 @@ void check_stores(const RopeProblem& p, LaunchCheck& check) {
       }
     }
   }
-  TORCH_CHECK(static_cast<int64_t>(check.stores.size()) == expected, "rope cuda-host: the launch "
-              "stored ", check.stores.size() - expected, " elements outside its outputs");
+  TORCH_CHECK(static_cast<int64_t>(check.stores.size()) == expected,
+              "rope cuda-host: the launch "
+              "stored ",
+              check.stores.size() - expected, " elements outside its outputs");
 }
 
 std::mutex last_plan_mutex;
@@ -126,9 +130,7 @@ std::string last_plan;
 
 }  // namespace
 
-const char* parse_launch_config(const char* spec, LaunchConfig& cfg) {
-  static thread_local std::string error;
-  error.clear();
+std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
   std::stringstream items(spec);
   std::string item;
   while (std::getline(items, item, ',')) {
@@ -144,9 +146,9 @@ const char* parse_launch_config(const char* spec, LaunchConfig& cfg) {
                  : key == "vectorize"          ? &cfg.vectorize
                                                : nullptr;
     if (field == nullptr || eq == std::string::npos) {
-      error = "unknown setting '" + item + "'; the settings are block_threads, max_blocks_per_sm, "
-              "fill_blocks_per_sm, heads_per_item, index_bits, sm_count, vectorize (key=value)";
-      return error.c_str();
+      return "unknown setting '" + item +
+             "'; the settings are block_threads, max_blocks_per_sm, "
+             "fill_blocks_per_sm, heads_per_item, index_bits, sm_count, vectorize (key=value)";
     }
     const std::string value = item.substr(eq + 1);
     char* end = nullptr;
@@ -155,13 +157,12 @@ const char* parse_launch_config(const char* spec, LaunchConfig& cfg) {
                     (key != "block_threads" || v >= 1) &&
                     (key != "index_bits" || v == 0 || v == 32 || v == 64);
     if (!ok) {
-      error = "bad value '" + value + "' for " + key +
-              " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64)";
-      return error.c_str();
+      return "bad value '" + value + "' for " + key +
+             " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64)";
     }
     *field = static_cast<int>(v);
   }
-  return error.c_str();
+  return "";
 }
 
 LaunchConfig launch_config() {
@@ -201,9 +202,8 @@ void rope_cuda_host(const RopeProblem& p) {
   check_stores(p, check);
   std::ostringstream text;
   text << "grid=" << plan.grid << ",block_x=" << plan.block_x << ",block_y=" << plan.block_y
-       << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec
-       << ",index64=" << int(plan.index64) << ",heads_per_item=" << plan.heads_per_item
-       << ",items=" << plan.items;
+       << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec << ",index64=" << int(plan.index64)
+       << ",heads_per_item=" << plan.heads_per_item << ",items=" << plan.items;
   const std::lock_guard<std::mutex> lock(last_plan_mutex);
   last_plan = text.str();
 }

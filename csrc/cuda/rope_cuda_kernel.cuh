@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "../rope_problem.h"
@@ -55,11 +56,11 @@ struct LaunchConfig {
 
 // What one launch does: the grid, the block, the vector width, the code path.
 struct LaunchPlan {
-  int64_t grid = 1;            // blocks (1-D); they stride over the items
-  int block_x = 1;             // threads across one head's chunks
-  int block_y = 1;             // items per block
-  int vec = 1;                 // elements of x per access (16 bytes' worth, or 1)
-  int table_vec = 1;           // elements of cos/sin per access (1: element by element)
+  int64_t grid = 1;   // blocks (1-D); they stride over the items
+  int block_x = 1;    // threads across one head's chunks
+  int block_y = 1;    // items per block
+  int vec = 1;        // elements of x per access (16 bytes' worth, or 1)
+  int table_vec = 1;  // elements of cos/sin per access (1: element by element)
   bool index64 = false;
   int64_t heads_per_item = 1;  // all heads of q and k (token items) or fewer (token x head)
   int64_t groups = 1;          // items per token: ceil(heads / heads_per_item)
@@ -80,7 +81,8 @@ inline bool x_vectorizes(const RopeProblem& p, int64_t n, int64_t elem_size) {
     const HeadsDesc& d = p.x[i];
     if (d.in_stride_dim != 1 || d.out_stride_dim != 1 || d.head_dim % n != 0) return false;
     if (!aligned_to(d.in, n * elem_size) || !aligned_to(d.out, n * elem_size)) return false;
-    for (int64_t st : {d.in_stride_batch, d.in_stride_seq, d.in_stride_head, d.out_stride_batch, d.out_stride_seq, d.out_stride_head}) {
+    for (int64_t st : {d.in_stride_batch, d.in_stride_seq, d.in_stride_head, d.out_stride_batch,
+                       d.out_stride_seq, d.out_stride_head}) {
       if (st % n != 0) return false;
     }
   }
@@ -91,10 +93,12 @@ inline bool x_vectorizes(const RopeProblem& p, int64_t n, int64_t elem_size) {
 // (unit-stride rows, aligned bases and row strides); else element by element (1).
 inline int table_run(const RopeProblem& p, int n, int64_t table_elem_size) {
   const TableIndex& t = p.table;
-  const int run = static_cast<int>(16 / table_elem_size) < n ? static_cast<int>(16 / table_elem_size) : n;
+  const int run =
+      static_cast<int>(16 / table_elem_size) < n ? static_cast<int>(16 / table_elem_size) : n;
   if (run == 1 || t.cos_stride_pair != 1 || t.sin_stride_pair != 1) return 1;
   bool ok = aligned_to(p.cos, run * table_elem_size) && aligned_to(p.sin, run * table_elem_size);
-  for (int64_t st : {t.cos_stride_batch, t.cos_stride_seq, t.cos_stride_row, t.sin_stride_batch, t.sin_stride_seq, t.sin_stride_row}) {
+  for (int64_t st : {t.cos_stride_batch, t.cos_stride_seq, t.cos_stride_row, t.sin_stride_batch,
+                     t.sin_stride_seq, t.sin_stride_row}) {
     ok = ok && st % run == 0;
   }
   return ok ? run : 1;
@@ -108,13 +112,17 @@ inline int64_t largest_offset(const RopeProblem& p) {
   for (int i = 0; i < p.num_x; ++i) {
     const HeadsDesc& d = p.x[i];
     // + head_dim: the tail loop's index may step one block past the last element.
-    keep(b1 * d.in_stride_batch + s1 * d.in_stride_seq + (d.heads - 1) * d.in_stride_head + 2 * d.head_dim * d.in_stride_dim);
-    keep(b1 * d.out_stride_batch + s1 * d.out_stride_seq + (d.heads - 1) * d.out_stride_head + 2 * d.head_dim * d.out_stride_dim);
+    keep(b1 * d.in_stride_batch + s1 * d.in_stride_seq + (d.heads - 1) * d.in_stride_head +
+         2 * d.head_dim * d.in_stride_dim);
+    keep(b1 * d.out_stride_batch + s1 * d.out_stride_seq + (d.heads - 1) * d.out_stride_head +
+         2 * d.head_dim * d.out_stride_dim);
   }
   const TableIndex& t = p.table;
   keep(b1 * t.pos_stride_batch + s1 * t.pos_stride_seq);
-  keep(b1 * t.cos_stride_batch + s1 * t.cos_stride_seq + t.rows * t.cos_stride_row + p.pairs * t.cos_stride_pair);
-  keep(b1 * t.sin_stride_batch + s1 * t.sin_stride_seq + t.rows * t.sin_stride_row + p.pairs * t.sin_stride_pair);
+  keep(b1 * t.cos_stride_batch + s1 * t.cos_stride_seq + t.rows * t.cos_stride_row +
+       p.pairs * t.cos_stride_pair);
+  keep(b1 * t.sin_stride_batch + s1 * t.sin_stride_seq + t.rows * t.sin_stride_row +
+       p.pairs * t.sin_stride_pair);
   return most;
 }
 
@@ -188,7 +196,7 @@ template <typename scalar_t, typename Index>
 struct HeadView {
   const scalar_t* x;
   scalar_t* y;
-  Index sd_in, sd_out, head_dim;
+  Index stride_in, stride_out, head_dim;  // head_dim strides
   bool in_place;
 
   ROPE_HD HeadView(const RopeProblem& p, Index heads0, Index h, Index b, Index s) {
@@ -199,8 +207,8 @@ struct HeadView {
         s * static_cast<Index>(d.in_stride_seq) + hh * static_cast<Index>(d.in_stride_head);
     y = static_cast<scalar_t*>(d.out) + b * static_cast<Index>(d.out_stride_batch) +
         s * static_cast<Index>(d.out_stride_seq) + hh * static_cast<Index>(d.out_stride_head);
-    sd_in = static_cast<Index>(d.in_stride_dim);
-    sd_out = static_cast<Index>(d.out_stride_dim);
+    stride_in = static_cast<Index>(d.in_stride_dim);
+    stride_out = static_cast<Index>(d.out_stride_dim);
     head_dim = static_cast<Index>(d.head_dim);
     in_place = d.in == d.out;
   }
@@ -213,8 +221,8 @@ struct HeadView {
 
 // The widest run of cos/sin one access may move next to an x run of N elements.
 template <typename table_t, int N>
-constexpr int kTableRun = 16 / static_cast<int>(sizeof(table_t)) < N
-                              ? 16 / static_cast<int>(sizeof(table_t)) : N;
+constexpr int kTableRun =
+    16 / static_cast<int>(sizeof(table_t)) < N ? 16 / static_cast<int>(sizeof(table_t)) : N;
 
 template <typename scalar_t, typename table_t, int N, typename Index, typename Access>
 ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index block, Index tx,
@@ -250,40 +258,48 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
     const int64_t pos = has_positions ? token_position(t, b, s) : 0;
     const bool in_table = !has_positions || (pos >= 0 && pos < t.rows);
     // Past the table with inv_freq: the row cos_sin_table would hold, computed here.
-    const bool computed = !in_table && t.inv_freq != nullptr && pos >= 0 &&
-                          pos < kMaxComputedPosition;
+    const bool computed =
+        !in_table && t.inv_freq != nullptr && pos >= 0 && pos < kMaxComputedPosition;
     const Index row = in_table ? static_cast<Index>(pos) : 0;
     const table_t* cos_row = static_cast<const table_t*>(p.cos) +
-        (in_table ? b * static_cast<Index>(t.cos_stride_batch) + s * static_cast<Index>(t.cos_stride_seq) +
-                        row * static_cast<Index>(t.cos_stride_row) : 0);
+                             (in_table ? b * static_cast<Index>(t.cos_stride_batch) +
+                                             s * static_cast<Index>(t.cos_stride_seq) +
+                                             row * static_cast<Index>(t.cos_stride_row)
+                                       : 0);
     const table_t* sin_row = static_cast<const table_t*>(p.sin) +
-        (in_table ? b * static_cast<Index>(t.sin_stride_batch) + s * static_cast<Index>(t.sin_stride_seq) +
-                        row * static_cast<Index>(t.sin_stride_row) : 0);
+                             (in_table ? b * static_cast<Index>(t.sin_stride_batch) +
+                                             s * static_cast<Index>(t.sin_stride_seq) +
+                                             row * static_cast<Index>(t.sin_stride_row)
+                                       : 0);
 
     for (Index chunk = tx; chunk < chunks; chunk += plan.block_x) {
       const Index i0 = chunk * N;
       // This chunk's cos/sin: read once, reused for every head of the item.
       T c[N], sn[N];
       if (in_table && table_runs) {
-ROPE_UNROLL
+        ROPE_UNROLL
         for (int j = 0; j < N; j += TN) {
           const Pack<table_t, TN> cp = Access::template load<table_t, TN>(cos_row + i0 + j);
           const Pack<table_t, TN> sp = Access::template load<table_t, TN>(sin_row + i0 + j);
-ROPE_UNROLL
+          ROPE_UNROLL
           for (int u = 0; u < TN; ++u) {
             c[j + u] = static_cast<T>(cp.v[u]);
             sn[j + u] = sign * static_cast<T>(sp.v[u]);
           }
         }
       } else if (in_table) {
-        const Index cos_stride_pair = static_cast<Index>(t.cos_stride_pair), sin_stride_pair = static_cast<Index>(t.sin_stride_pair);
-ROPE_UNROLL
+        const Index cos_stride_pair = static_cast<Index>(t.cos_stride_pair),
+                    sin_stride_pair = static_cast<Index>(t.sin_stride_pair);
+        ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
-          c[j] = static_cast<T>(Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_stride_pair).v[0]);
-          sn[j] = sign * static_cast<T>(Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_stride_pair).v[0]);
+          c[j] = static_cast<T>(
+              Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_stride_pair).v[0]);
+          sn[j] = sign *
+                  static_cast<T>(
+                      Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_stride_pair).v[0]);
         }
       } else if (computed) {
-ROPE_UNROLL
+        ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
           double cd, sd;
           computed_row_value(t, pos, i0 + j, cd, sd);
@@ -291,7 +307,7 @@ ROPE_UNROLL
           sn[j] = sign * static_cast<T>(static_cast<table_t>(sd));
         }
       } else {
-ROPE_UNROLL
+        ROPE_UNROLL
         for (int j = 0; j < N; ++j) c[j] = sn[j] = std::numeric_limits<T>::quiet_NaN();
       }
       int64_t lo64, hi64;
@@ -301,23 +317,25 @@ ROPE_UNROLL
       for (Index h = h_begin; h < h_end; ++h) {
         const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
         // N > 1 only with unit-stride head_dim (x_vectorizes), so sd is 1 there.
-        const Pack<scalar_t, N> lo_in = Access::template load<scalar_t, N>(v.x + lo_off * v.sd_in);
-        const Pack<scalar_t, N> hi_in = Access::template load<scalar_t, N>(v.x + hi_off * v.sd_in);
+        const Pack<scalar_t, N> lo_in =
+            Access::template load<scalar_t, N>(v.x + lo_off * v.stride_in);
+        const Pack<scalar_t, N> hi_in =
+            Access::template load<scalar_t, N>(v.x + hi_off * v.stride_in);
         T lo[N], hi[N];
-ROPE_UNROLL
+        ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
           lo[j] = static_cast<T>(lo_in.v[j]);
           hi[j] = static_cast<T>(hi_in.v[j]);
         }
         rotate_chunk(lo, hi, c, sn, p.interleaved);
         Pack<scalar_t, N> lo_out, hi_out;
-ROPE_UNROLL
+        ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
           lo_out.v[j] = static_cast<scalar_t>(lo[j]);
           hi_out.v[j] = static_cast<scalar_t>(hi[j]);
         }
-        Access::template store<scalar_t, N>(v.y + lo_off * v.sd_out, lo_out);
-        Access::template store<scalar_t, N>(v.y + hi_off * v.sd_out, hi_out);
+        Access::template store<scalar_t, N>(v.y + lo_off * v.stride_out, lo_out);
+        Access::template store<scalar_t, N>(v.y + hi_off * v.stride_out, hi_out);
       }
     }
 
@@ -326,8 +344,8 @@ ROPE_UNROLL
       const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
       if (v.in_place) continue;
       for (Index e = 2 * pairs + tx * N; e < v.head_dim; e += plan.block_x * N) {
-        Access::template store<scalar_t, N>(v.y + e * v.sd_out,
-                                            Access::template load<scalar_t, N>(v.x + e * v.sd_in));
+        Access::template store<scalar_t, N>(
+            v.y + e * v.stride_out, Access::template load<scalar_t, N>(v.x + e * v.stride_in));
       }
     }
   }
@@ -364,17 +382,13 @@ void dispatch_table(const RopeProblem& p, const LaunchPlan& plan, Runner& runner
   }
 }
 
-inline int64_t element_size(c10::ScalarType t) {
-  return t == c10::ScalarType::Double ? 8 : t == c10::ScalarType::Float ? 4 : 2;
-}
-
 // Plans the launch and hands the matching instantiation to the runner. The x
 // dtype is one the adapter admits (float32, float64, bfloat16, float16).
 template <typename Runner>
 LaunchPlan plan_and_run(const RopeProblem& p, const LaunchConfig& cfg, int sm_count,
                         Runner& runner) {
   const LaunchPlan plan =
-      plan_launch(p, cfg, sm_count, element_size(p.x_dtype), element_size(p.table_dtype));
+      plan_launch(p, cfg, sm_count, c10::elementSize(p.x_dtype), c10::elementSize(p.table_dtype));
   switch (p.x_dtype) {
     case c10::ScalarType::Float:
       dispatch_table<float>(p, plan, runner);
@@ -394,6 +408,6 @@ LaunchPlan plan_and_run(const RopeProblem& p, const LaunchConfig& cfg, int sm_co
 
 // Parses "key=value,key=value" (keys: the LaunchConfig fields) over `cfg`.
 // Returns an empty string, or what is wrong with `spec`.
-const char* parse_launch_config(const char* spec, LaunchConfig& cfg);
+std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg);
 
 }  // namespace rope::cuda
