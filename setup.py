@@ -80,7 +80,8 @@ def sources(cuda, isas):
     # inline function the four kernel files share.
     cpu = ["csrc/cpu/rope_cpu_default.cpp"] + [f"csrc/cpu/{ISA_FILES[n]}" for n in isas]
     srcs = cpu + ["csrc/cpu/rope_cpu.cpp", "csrc/cuda/rope_cuda_host.cpp",
-                  "csrc/rope_adapter.cpp", "csrc/rope_registration.cpp"]
+                  "csrc/rope_adapter.cpp", "csrc/norm_rope_adapter.cpp",
+                  "csrc/rope_registration.cpp"]
     if cuda:
         srcs += sorted(glob.glob("csrc/cuda/*.cu"))
     return srcs

@@ -14,7 +14,6 @@
 #include <vector>
 
 namespace rope {
-namespace {
 
 bool is_float_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -35,6 +34,7 @@ void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* xna
                     xname, " is on ", x.device(), "; move ", tname, " to ", x.device());
 }
 
+namespace {
 // x seen as [batch, seq, heads, head_dim]: thd is one sequence of `tokens`.
 HeadsDesc describe(const at::Tensor& x, const at::Tensor& out) {
   HeadsDesc h;
@@ -58,6 +58,7 @@ const char* const* arg_names(int num_x) {
   static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
   return names[num_x - 1];
 }
+}  // namespace
 
 // Every check of a call's arguments but x's own (check_x, made before any output is
 // allocated). xs: the tensors to rotate (q alone, or q and k).
@@ -236,6 +237,7 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
 // size > 1 sorted by stride, each stride steps past everything the smaller
 // ones span. That holds for every slice and transpose of a dense tensor (a q
 // cut from a fused qkv included) and fails for expand and hand-made overlaps.
+namespace {
 bool provably_non_overlapping(const at::Tensor& x) {
   if (x.numel() == 0) return true;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
@@ -250,6 +252,7 @@ bool provably_non_overlapping(const at::Tensor& x) {
   }
   return true;
 }
+}  // namespace
 
 void check_writable(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(provably_non_overlapping(x), "rope: in-place rotation needs ", name,
@@ -311,8 +314,6 @@ bool may_share_elements(const at::Tensor& q, const at::Tensor& k) {
 }
 
 bool empty(const RopeProblem& p) { return p.batch == 0 || p.seq == 0; }
-
-}  // namespace
 
 at::Tensor apply(Kernel kernel, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                  const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,

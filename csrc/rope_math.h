@@ -112,4 +112,14 @@ ROPE_HD void rotate_chunk(T (&lo)[N], T (&hi)[N], const T (&c)[N], const T (&s)[
   }
 }
 
+// 1 / sqrt(mean + eps) for the RMSNorm of the fused QK-norm + RoPE, from the sum of
+// squares of `count` elements. A correctly rounded sqrt and division on both sides
+// (nvcc's defaults without --use_fast_math), so the host executor matches the GPU.
+ROPE_HD float inverse_rms(float sum_squares, int64_t count, double eps) {
+  return 1.0f / sqrtf(sum_squares / static_cast<float>(count) + static_cast<float>(eps));
+}
+ROPE_HD double inverse_rms(double sum_squares, int64_t count, double eps) {
+  return 1.0 / sqrt(sum_squares / static_cast<double>(count) + eps);
+}
+
 }  // namespace rope

@@ -3,10 +3,12 @@
 // (rope_ext/_ops.py). Autograd lives here, in C++, so that a call from Python reaches
 // the kernel without running any Python on the way (a decode step's whole cost on a
 // GPU is this host path).
+#include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <Python.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -56,6 +58,33 @@ void apply_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
                    double attention_factor) {
   apply_qk_(cpu::rope_cpu, q, k, cos, sin, positions, interleaved, inverse, inv_freq,
             attention_factor);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& positions, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, bool across_heads, double weight_offset,
+    bool interleaved) {
+  return rms_norm_rope_qk(cpu::norm_rope_cpu, q, k, cos, sin, positions, q_weight, k_weight, eps,
+                          across_heads, weight_offset, interleaved);
+}
+
+void rms_norm_rope_qk_cpu_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                           const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                           const at::Tensor& q_weight, const at::Tensor& k_weight, double eps,
+                           bool across_heads, double weight_offset, bool interleaved) {
+  rms_norm_rope_qk_(cpu::norm_rope_cpu, q, k, cos, sin, positions, q_weight, k_weight, eps,
+                    across_heads, weight_offset, interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& q_rstd,
+    const at::Tensor& k_rstd, bool across_heads, double weight_offset, bool interleaved) {
+  return rms_norm_rope_qk_backward(cpu::norm_rope_cpu, grad_q, grad_k, q, k, cos, sin, positions,
+                                   q_weight, k_weight, q_rstd, k_rstd, across_heads, weight_offset,
+                                   interleaved);
 }
 
 // --- autograd of the functional ops: a rotation is orthogonal, so its gradient is
@@ -261,6 +290,182 @@ void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tens
   k.unsafeGetTensorImpl()->bump_version();
 }
 
+// --- autograd of the fused QK-RMSNorm + RoPE ---
+// First-order gradients come from the backward op (one pass over q, k and their
+// gradients, docs/math.md section 13). Double backward and forward mode, which
+// training rarely needs, go through the same math written with ATen ops and the
+// rotation op, which autograd differentiates by itself.
+
+using NormFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, bool, double,
+    bool);
+using NormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, bool, double, bool);
+
+const c10::TypedOperatorHandle<NormFn>& norm_op() {
+  static const auto op = find_op<NormFn>("rope::rms_norm_rope_qk");
+  return op;
+}
+
+const c10::TypedOperatorHandle<NormBackwardFn>& norm_backward_op() {
+  static const auto op = find_op<NormBackwardFn>("rope::rms_norm_rope_qk_backward");
+  return op;
+}
+
+// The fused op as differentiable ATen ops: (q_out, k_out, q_rstd, k_rstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_rope_composite(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& positions, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, bool across_heads, double weight_offset,
+    bool interleaved) {
+  const auto math = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto norm = [&](const at::Tensor& x, const at::Tensor& w, at::Tensor& rstd) {
+    const at::Tensor xf = x.to(math);
+    const at::Tensor group = across_heads ? xf.flatten(-2) : xf;
+    const at::Tensor r = at::rsqrt(group.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    rstd = across_heads ? r : r.squeeze(-1);
+    return (group * r * (w.to(math) + weight_offset)).view(xf.sizes());
+  };
+  at::Tensor q_rstd, k_rstd;
+  const at::Tensor qn = norm(q, q_weight, q_rstd), kn = norm(k, k_weight, k_rstd);
+  auto [q_out, k_out] = apply_qk_op().call(qn, kn, cos.to(math), sin.to(math), positions,
+                                           interleaved, false, std::nullopt, 1.0);
+  return {q_out.to(q.scalar_type()), k_out.to(k.scalar_type()), q_rstd.detach(), k_rstd.detach()};
+}
+
+struct NormRopeBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable q, k, cos, sin, positions, q_weight, k_weight, q_rstd, k_rstd;
+  double eps = 1e-6, weight_offset = 0.0;
+  bool across_heads = false, interleaved = false;
+
+  std::string name() const override { return "RmsNormRopeQkBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const at::Tensor q_ = q.unpack(), k_ = k.unpack(), qw = q_weight.unpack(),
+                     kw = k_weight.unpack(), p = positions.unpack();
+    const std::optional<at::Tensor> pos = p.defined() ? std::optional<at::Tensor>(p) : std::nullopt;
+    const at::Tensor gq = grads[0].defined() ? grads[0] : at::zeros_like(q_);
+    const at::Tensor gk = grads[1].defined() ? grads[1] : at::zeros_like(k_);
+    torch::autograd::variable_list out(4);
+    const bool create_graph = at::GradMode::is_enabled() &&
+                              (q_.requires_grad() || k_.requires_grad() || qw.requires_grad() ||
+                               kw.requires_grad() || gq.requires_grad() || gk.requires_grad());
+    if (create_graph) {  // double backward: differentiate the ATen composition
+      const at::Tensor inputs[4] = {q_, k_, qw, kw};
+      std::vector<at::Tensor> wrt;
+      std::vector<int> where;
+      for (int i = 0; i < 4; ++i) {
+        if (inputs[i].requires_grad() && should_compute_output(i)) {
+          wrt.push_back(inputs[i]);
+          where.push_back(i);
+        }
+      }
+      if (wrt.empty()) return out;
+      auto [qo, ko, qr, kr] = norm_rope_composite(q_, k_, cos.unpack(), sin.unpack(), pos, qw, kw,
+                                                  eps, across_heads, weight_offset, interleaved);
+      const auto got = torch::autograd::grad({qo, ko}, wrt, {gq, gk}, /*retain_graph=*/true,
+                                             /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t j = 0; j < where.size(); ++j) out[where[j]] = got[j];
+      return out;
+    }
+    auto [dq, dk, dqw, dkw] = norm_backward_op().call(gq, gk, q_, k_, cos.unpack(), sin.unpack(),
+                                                      pos, qw, kw, q_rstd.unpack(), k_rstd.unpack(),
+                                                      across_heads, weight_offset, interleaved);
+    const at::Tensor results[4] = {dq, dk, dqw, dkw};
+    for (int i = 0; i < 4; ++i) {
+      if (should_compute_output(i)) out[i] = results[i];
+    }
+    return out;
+  }
+
+  void release_variables() override {
+    for (auto* v : {&q, &k, &cos, &sin, &positions, &q_weight, &k_weight, &q_rstd, &k_rstd}) {
+      v->reset_data();
+    }
+  }
+};
+
+bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& positions, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, bool across_heads, double weight_offset,
+    bool interleaved) {
+  if (has_tangent(q) || has_tangent(k) || has_tangent(q_weight) || has_tangent(k_weight)) {
+    // Forward mode: the ATen composition carries the tangents.
+    return norm_rope_composite(q, k, cos, sin, positions, q_weight, k_weight, eps, across_heads,
+                               weight_offset, interleaved);
+  }
+  const bool grad =
+      needs_graph(q) || needs_graph(k) || needs_graph(q_weight) || needs_graph(k_weight);
+  at::Tensor q_out, k_out, q_rstd, k_rstd;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(q_out, k_out, q_rstd, k_rstd) =
+        norm_op().call(q, k, cos, sin, positions, q_weight, k_weight, eps, across_heads,
+                       weight_offset, interleaved);
+  }
+  if (!grad) return {q_out, k_out, q_rstd, k_rstd};
+  NodePtr node = new_node<NormRopeBackward>();
+  auto* n = static_cast<NormRopeBackward*>(node.get());
+  n->q = torch::autograd::SavedVariable(q, false);
+  n->k = torch::autograd::SavedVariable(k, false);
+  n->cos = torch::autograd::SavedVariable(cos, false);
+  n->sin = torch::autograd::SavedVariable(sin, false);
+  n->positions = torch::autograd::SavedVariable(positions.value_or(at::Tensor()), false);
+  n->q_weight = torch::autograd::SavedVariable(q_weight, false);
+  n->k_weight = torch::autograd::SavedVariable(k_weight, false);
+  n->q_rstd = torch::autograd::SavedVariable(q_rstd, false);
+  n->k_rstd = torch::autograd::SavedVariable(k_rstd, false);
+  n->eps = eps;
+  n->weight_offset = weight_offset;
+  n->across_heads = across_heads;
+  n->interleaved = interleaved;
+  node->set_next_edges(torch::autograd::collect_next_edges(q, k, q_weight, k_weight));
+  torch::autograd::set_history(q_out, node);
+  torch::autograd::set_history(k_out, node);
+  return {q_out, k_out, q_rstd, k_rstd};
+}
+
+void rms_norm_rope_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                                const at::Tensor& q_weight, const at::Tensor& k_weight, double eps,
+                                bool across_heads, double weight_offset, bool interleaved) {
+  check_no_grad(q, "q");
+  check_no_grad(k, "k");
+  check_no_grad(q_weight, "q_weight");
+  check_no_grad(k_weight, "k_weight");
+  static const auto op = find_op<decltype(rms_norm_rope_qk_cpu_)>("rope::rms_norm_rope_qk_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(q, k, cos, sin, positions, q_weight, k_weight, eps, across_heads, weight_offset,
+            interleaved);
+  }
+  q.unsafeGetTensorImpl()->bump_version();
+  k.unsafeGetTensorImpl()->bump_version();
+}
+
+// The backward op has no gradient of its own: double backward differentiates the
+// composition instead (NormRopeBackward), so a direct call that needs one is refused.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_backward_autograd(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& q_rstd,
+    const at::Tensor& k_rstd, bool across_heads, double weight_offset, bool interleaved) {
+  for (const at::Tensor* t : {&grad_q, &grad_k, &q, &k, &q_weight, &k_weight}) {
+    TORCH_CHECK_VALUE(!needs_graph(*t),
+                      "rope: rms_norm_rope_qk_backward is not differentiable; differentiate "
+                      "rms_norm_rope_qk with create_graph=True instead");
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return norm_backward_op().call(grad_q, grad_k, q, k, cos, sin, positions, q_weight, k_weight,
+                                 q_rstd, k_rstd, across_heads, weight_offset, interleaved);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rope, m) {
@@ -286,6 +491,23 @@ TORCH_LIBRARY(rope, m) {
       "apply_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None, "
       "bool interleaved=False, bool inverse=False, Tensor? inv_freq=None, "
       "float attention_factor=1.0) -> ()");
+  // Fused QK-RMSNorm + RoPE (docs/api.md section 2b): q_out = rope(rms_norm(q) * (q_weight +
+  // weight_offset)), the same for k; also returns each group's 1/rms (float32, float64 for
+  // float64), which the backward reads.
+  m.def(
+      "rms_norm_rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, "
+      "Tensor q_weight, Tensor k_weight, float eps=1e-06, bool across_heads=False, "
+      "float weight_offset=0.0, bool interleaved=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "rms_norm_rope_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, "
+      "Tensor q_weight, Tensor k_weight, float eps=1e-06, bool across_heads=False, "
+      "float weight_offset=0.0, bool interleaved=False) -> ()");
+  // Gradients of q, k, q_weight, k_weight from those of q_out and k_out.
+  m.def(
+      "rms_norm_rope_qk_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor cos, "
+      "Tensor sin, Tensor? positions, Tensor q_weight, Tensor k_weight, Tensor q_rstd, "
+      "Tensor k_rstd, bool across_heads, float weight_offset, bool interleaved) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rope, CPU, m) {
@@ -293,6 +515,9 @@ TORCH_LIBRARY_IMPL(rope, CPU, m) {
   m.impl("apply_", &apply_cpu_);
   m.impl("apply_qk", &apply_qk_cpu);
   m.impl("apply_qk_", &apply_qk_cpu_);
+  m.impl("rms_norm_rope_qk", &rms_norm_rope_qk_cpu);
+  m.impl("rms_norm_rope_qk_", &rms_norm_rope_qk_cpu_);
+  m.impl("rms_norm_rope_qk_backward", &rms_norm_rope_qk_backward_cpu);
 }
 
 // Test hooks, apart from the public ops (docs/kernels.md): which CPU kernel runs
@@ -322,6 +547,9 @@ TORCH_LIBRARY_IMPL(rope, Autograd, m) {
   m.impl("apply_qk", &apply_qk_autograd);
   m.impl("apply_", &apply_autograd_);
   m.impl("apply_qk_", &apply_qk_autograd_);
+  m.impl("rms_norm_rope_qk", &rms_norm_rope_qk_autograd);
+  m.impl("rms_norm_rope_qk_", &rms_norm_rope_qk_autograd_);
+  m.impl("rms_norm_rope_qk_backward", &rms_norm_rope_qk_backward_autograd);
 }
 
 }  // namespace rope

@@ -75,6 +75,41 @@ def _apply_qk_inplace_fake(q, k, cos, sin, positions=None, interleaved=False, in
     return None
 
 
+def _rstd_fake(x, across_heads):
+    shape = list(x.shape[:-1])
+    if across_heads:
+        shape[-1] = 1
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("rope::rms_norm_rope_qk")
+def _rms_norm_rope_qk_fake(q, k, cos, sin, positions, q_weight, k_weight, eps=1e-6,
+                           across_heads=False, weight_offset=0.0, interleaved=False):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions, q_weight=q_weight,
+                   k_weight=k_weight)
+    return (torch.empty_like(q), torch.empty_like(k), _rstd_fake(q, across_heads),
+            _rstd_fake(k, across_heads))
+
+
+@torch.library.register_fake("rope::rms_norm_rope_qk_")
+def _rms_norm_rope_qk_inplace_fake(q, k, cos, sin, positions, q_weight, k_weight, eps=1e-6,
+                                   across_heads=False, weight_offset=0.0, interleaved=False):
+    _check_devices(q, "q", k=k, cos=cos, sin=sin, positions=positions, q_weight=q_weight,
+                   k_weight=k_weight)
+    return None
+
+
+@torch.library.register_fake("rope::rms_norm_rope_qk_backward")
+def _rms_norm_rope_qk_backward_fake(grad_q, grad_k, q, k, cos, sin, positions, q_weight,
+                                    k_weight, q_rstd, k_rstd, across_heads, weight_offset,
+                                    interleaved):
+    _check_devices(q, "q", k=k, grad_q=grad_q, grad_k=grad_k, cos=cos, sin=sin,
+                   positions=positions, q_weight=q_weight, k_weight=k_weight)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(q_weight),
+            torch.empty_like(k_weight))
+
+
 # Autograd is registered in C++ (csrc/rope_registration.cpp): the backward of a rotation is
 # the same op with `inverse` flipped, and no Python runs between a call and the kernel.
 

@@ -162,3 +162,57 @@ def apply_rope_qk(
     qo, ko = ops.apply_qk(qv, kv, cos, sin, positions, interleaved, False,
                           *_past_table(inv_freq, attention_factor))
     return _from_op_view(qo, layout), _from_op_view(ko, layout)
+
+
+def rms_norm_rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float = 1e-6,
+    across_heads: bool = False,
+    weight_offset: float = 0.0,
+    interleaved: bool = False,
+    layout: str = "bshd",
+    inplace: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RMS-normalize q and k, scale them, and rotate them, in one pass (Qwen3, OLMo 2, Gemma 3).
+
+    ``q_out = rope(rms_norm(q) * (q_weight + weight_offset))`` and the same for k, where
+    ``rms_norm(x) = x / sqrt(mean(x**2) + eps)``: one read and one write of q and k instead
+    of a norm pass and a rotation pass. All arithmetic is float32 (float64 for float64
+    inputs) with one rounding at the store. Differentiable in q, k, q_weight and k_weight.
+
+    Args:
+        q, k, cos, sin, positions, interleaved, layout: as for :func:`apply_rope_qk`
+            (q and k must have the same head_dim; head counts may differ).
+        q_weight, k_weight: the norms' weights, float32 or q's dtype: ``[head_dim]`` (the
+            mean runs over each head: Qwen3, Gemma 3), or ``[heads * head_dim]`` with
+            ``across_heads=True`` (the mean runs over all heads of a token: OLMo 2).
+        eps: added to the mean square (> 0); the model's ``rms_norm_eps``.
+        across_heads: normalize over heads * head_dim of each token instead of each head.
+        weight_offset: added to the weights: 1.0 for Gemma's ``x * (1 + weight)``.
+        inplace: write the results into q and k and return them (inference: not differentiable).
+
+    Returns:
+        ``(q_out, k_out)``, with q's and k's dtypes, shapes and devices.
+
+    Example (Qwen3 attention, q/k/v projections viewed as ``[batch, seq, heads, head_dim]``)::
+
+        q, k = rope_ext.rms_norm_rope_qk(q, k, cos, sin, positions,
+                                         q_weight=attn.q_norm.weight, k_weight=attn.k_norm.weight,
+                                         eps=config.rms_norm_eps)
+    """
+    qv = _op_view(q, layout, "q")
+    kv = _op_view(k, layout, "k")
+    if inplace:
+        ops.rms_norm_rope_qk_(qv, kv, cos, sin, positions, q_weight, k_weight, eps, across_heads,
+                              weight_offset, interleaved)
+        return q, k
+    qo, ko, _, _ = ops.rms_norm_rope_qk(qv, kv, cos, sin, positions, q_weight, k_weight, eps,
+                                        across_heads, weight_offset, interleaved)
+    return _from_op_view(qo, layout), _from_op_view(ko, layout)

@@ -5,7 +5,7 @@
     model = AutoModelForCausalLM.from_pretrained(...)   # runs RoPE through torch.ops.rope.apply_qk
     rope_ext.hf.unpatch()                # transformers' own functions back
 
-    with rope_ext.hf.patched("llama"):   # or `with rope_ext.hf.patch("llama"):`
+    with rope_ext.hf.patched("llama"):   # the context manager: unpatches what it patched
         ...
 
 :func:`apply_rotary_pos_emb` can also be called directly wherever transformers' function of that
@@ -26,7 +26,14 @@ forward still looks the global up, so a patched module uses rope_ext either way.
 Before replacing anything, :func:`patch` reads the module's source and checks that its
 ``apply_rotary_pos_emb`` (and ``rotate_half``) is one of the forms whose meaning this function
 reproduces exactly, so a transformers release that changes the math is refused rather than
-silently given a different rotation.
+silently given a different rotation. ``patch()`` with no argument reads only the modules
+already imported; the others are patched (and checked) by an import hook when transformers
+imports them.
+
+For Qwen3, OLMo 2 and Gemma 3 (``FUSED_MODEL_TYPES``) the attention class's ``forward`` is
+replaced too, by one that does q_norm/k_norm and RoPE in one ``rope_ext.rms_norm_rope_qk``
+call; a tiny random instance checks it against transformers' forward before the first
+replacement (see :func:`patch`).
 """
 
 import ast
@@ -35,14 +42,15 @@ import importlib
 import inspect
 import threading
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+import rope_ext
 from rope_ext.functional import apply_rope_qk
 
 __all__ = ["apply_rotary_pos_emb", "patch", "unpatch", "patched", "is_patched",
-           "SUPPORTED_MODEL_TYPES", "PatchResult"]
+           "SUPPORTED_MODEL_TYPES", "FUSED_MODEL_TYPES", "PatchResult"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +59,19 @@ __all__ = ["apply_rotary_pos_emb", "patch", "unpatch", "patched", "is_patched",
 
 def _describe(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+
+
+def _table_from_hf(cos: torch.Tensor, sin: torch.Tensor, seq: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """transformers' cos/sin ``[batch or 1, seq or 1, r]`` (the r/2 angles written twice) as
+    rope_ext's one-row-per-token table ``[batch or 1, seq, r/2]``: views, no copy."""
+    half = cos.shape[-1] // 2
+    c = cos[..., :half]  # views: transformers' second half is a copy of the first
+    s = sin[..., :half]
+    if c.shape[1] != seq:  # one position for every token: a stride-0 view
+        c = c.expand(c.shape[0], seq, half)
+        s = s.expand(s.shape[0], seq, half)
+    return c, s
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -144,12 +165,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
                          f"{tuple(cos.shape)} for q {tuple(q.shape)} with "
                          f"unsqueeze_dim={unsqueeze_dim}")
 
-    half = rotary_dim // 2
-    c = cos[..., :half]  # views: transformers' second half is a copy of the first
-    s = sin[..., :half]
-    if c.shape[1] != seq:  # one position for every token: a stride-0 view
-        c = c.expand(c.shape[0], seq, half)
-        s = s.expand(s.shape[0], seq, half)
+    c, s = _table_from_hf(cos, sin, seq)
 
     # transformers computes q * cos in the promoted dtype; do the same.
     out_dtype = torch.promote_types(q.dtype, cos.dtype)
@@ -245,7 +261,6 @@ _NOT_SUPPORTED = {
     "glm": "interleaved pairing inside the rotary part (cos/sin repeat_interleave)",
     "glm4": "interleaved pairing inside the rotary part (cos/sin repeat_interleave)",
     "olmo": "casts the result back to q's dtype (differs when the table's dtype is wider)",
-    "olmo2": "casts the result back to q's dtype (differs when the table's dtype is wider)",
     "esm": "rotates in float32 and casts back",
     "modernbert": "rotates in float32 and casts back",
     "gemma3n": "one tensor per call: apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)",
@@ -317,9 +332,14 @@ def _module_name(family: str) -> str:
     return f"transformers.models.{family}.modeling_{family}"
 
 
+def _all_families() -> List[str]:
+    return list(SUPPORTED_MODEL_TYPES) + [f for f in FUSED_MODEL_TYPES
+                                          if f not in SUPPORTED_MODEL_TYPES]
+
+
 def _resolve(model_type) -> List[str]:
     if model_type is None:
-        return list(SUPPORTED_MODEL_TYPES)
+        return _all_families()
     names = [model_type] if isinstance(model_type, str) else model_type
     try:
         names = list(names)
@@ -332,37 +352,335 @@ def _resolve(model_type) -> List[str]:
             raise TypeError(f"model_type must be None, a string or a list of strings, got an "
                             f"element {n!r}")
         fam = _ALIASES.get(n, n)
-        if fam not in SUPPORTED_MODEL_TYPES:
+        if fam not in SUPPORTED_MODEL_TYPES and fam not in FUSED_MODEL_TYPES:
             why = _NOT_SUPPORTED.get(fam)
             detail = (f"its apply_rotary_pos_emb means something else: {why}" if why else
                       "not a model_type rope_ext.hf knows")
             raise ValueError(f"model_type {n!r} is not supported ({detail}); supported: "
-                             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+                             f"{', '.join(sorted(_all_families()))}")
         if fam not in families:
             families.append(fam)
     return families
 
 
-class PatchResult(list):
-    """The modules whose ``apply_rotary_pos_emb`` is rope_ext's after a :func:`patch` call
-    (names like ``"transformers.models.llama.modeling_llama"``).
+# ---------------------------------------------------------------------------------------------
+# The fused QK-RMSNorm + RoPE attention forward (Qwen3, OLMo 2, Gemma 3)
 
-    ``newly_patched`` lists those this call replaced (the others were patched already);
-    ``skipped`` maps a module to why it was left alone (only with ``model_type=None``).
-    Usable as a context manager: leaving the ``with`` block unpatches ``newly_patched``.
+
+class _FusedSpec(NamedTuple):
+    """What differs between the attention forwards that normalize q and k before RoPE.
+
+    transformers 5.18's ``Qwen3Attention``, ``Olmo2Attention`` and ``Gemma3Attention`` project
+    q/k/v, RMS-normalize q and k with ``q_norm``/``k_norm``, rotate them with the module's
+    ``apply_rotary_pos_emb``, then do the same thing (cache update, the attention function from
+    ``ALL_ATTENTION_FUNCTIONS``, ``o_proj``). Where the norm sits is the only difference in the
+    first half, and for the math only one thing about it matters: whether it normalizes each
+    head (over head_dim) or each token (over heads * head_dim).
+    """
+    cls_name: str  # the attention class in transformers.models.<family>.modeling_<family>
+    config_name: str  # its config class there (the patch-time probe builds a tiny one)
+    norm_on: str  # where transformers applies q_norm/k_norm (documentation only)
+    across_heads: bool  # False: over head_dim (weights [head_dim]); True: over heads*head_dim
+    weight_offset: float  # 1.0: Gemma's x * (1 + weight)
+    eps_attr: str  # the RMSNorm module's epsilon attribute
+    sliding_window: bool  # whether the forward passes sliding_window=self.sliding_window
+    probe_config: Dict[str, object]  # family-specific settings of the probe's tiny config
+
+
+FUSED_MODEL_TYPES: Dict[str, _FusedSpec] = {
+    "qwen3": _FusedSpec(
+        "Qwen3Attention", "Qwen3Config", "each head, on the [b, s, h, d] view of the projection",
+        False, 0.0, "variance_epsilon", True,
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+             layer_types=["sliding_attention"])),
+    "olmo2": _FusedSpec(
+        "Olmo2Attention", "Olmo2Config", "each token, on the flat projection [b, s, h*d]",
+        True, 0.0, "variance_epsilon", False, {}),
+    "gemma3": _FusedSpec(
+        "Gemma3Attention", "Gemma3TextConfig", "each head, on [b, h, s, d] after the transpose",
+        False, 1.0, "eps", True,
+        # softcapping on: transformers 5.18's Gemma 3 does not pass it to the attention
+        # function, and the probe checks that the fused forward does exactly the same.
+        dict(sliding_window=4, layer_types=["sliding_attention"], attn_logit_softcapping=30.0,
+             query_pre_attn_scalar=8)),
+}
+_PROBE_CONFIG = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     intermediate_size=32, num_hidden_layers=1, vocab_size=32,
+                     max_position_embeddings=64, rms_norm_eps=1e-6, attention_dropout=0.25,
+                     attention_bias=True, attn_implementation="eager", pad_token_id=None,
+                     bos_token_id=None, eos_token_id=None)
+
+_fused_originals: Dict[str, Tuple[type, object]] = {}  # class name -> (class, its own forward)
+_fused_verified: Dict[str, Optional[str]] = {}  # class name -> None if verified, else why not
+
+
+def _class_name(mod, spec: _FusedSpec) -> str:
+    return f"{mod.__name__}.{spec.cls_name}"
+
+
+def _fused_op():
+    """rope_ext.rms_norm_rope_qk, looked up on the package at call time (None if this build
+    of rope_ext does not have it)."""
+    return getattr(rope_ext, "rms_norm_rope_qk", None)
+
+
+def _fused_attention_forward(self, spec: _FusedSpec, mod, original, hidden_states,
+                             position_embeddings, attention_mask, past_key_values, kwargs):
+    q_eps = getattr(self.q_norm, spec.eps_attr)
+    if q_eps != getattr(self.k_norm, spec.eps_attr):  # one eps per op call: not this layer
+        return original(self, hidden_states, position_embeddings, attention_mask,
+                        past_key_values, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+
+    # [b, s, h, d] views of the projections: the op reads them in place (layout "bshd").
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    c, s = _table_from_hf(cos, sin, query_states.shape[1])
+    if c.dtype != query_states.dtype and c.dtype not in (torch.float32, torch.float64):
+        c, s = c.float(), s.float()  # exact widening (transformers casts its table to x's dtype)
+    query_states, key_states = rope_ext.rms_norm_rope_qk(
+        query_states, key_states, c, s, q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
+        eps=q_eps, across_heads=spec.across_heads, weight_offset=spec.weight_offset,
+        layout="bshd")
+    query_states = query_states.transpose(1, 2)
+    key_states = key_states.transpose(1, 2)
+
+    # From here on, transformers' forward verbatim.
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states,
+                                                          self.layer_idx)
+
+    attention_interface = mod.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, mod.eager_attention_forward)
+    if spec.sliding_window:
+        kwargs = {"sliding_window": self.sliding_window, **kwargs}
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
+def _make_fused_forward(spec: _FusedSpec, mod, original):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        return _fused_attention_forward(self, spec, mod, original, hidden_states,
+                                        position_embeddings, attention_mask, past_key_values,
+                                        kwargs)
+
+    forward.__qualname__ = f"{spec.cls_name}.forward"
+    forward.__module__ = __name__
+    forward.__doc__ = (f"rope_ext.hf's fused forward of {spec.cls_name}: q_norm/k_norm and RoPE "
+                       f"in one rope_ext.rms_norm_rope_qk call, the rest as transformers' own.")
+    forward._rope_ext_fused = True
+    forward._rope_ext_original = original
+    return forward
+
+
+def _is_fused(forward) -> bool:
+    return getattr(forward, "_rope_ext_fused", False) is True
+
+
+def _probe_norm(norm, spec: _FusedSpec, dim: int) -> Optional[str]:
+    """Whether the RMSNorm module computes x * rsqrt(mean(x^2) + eps) * (weight + offset) over
+    its last dimension (of size dim), with eps read from spec.eps_attr."""
+    if not hasattr(norm, spec.eps_attr):
+        return f"its {type(norm).__name__} has no {spec.eps_attr!r} attribute"
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (dim,):
+        return (f"its {type(norm).__name__}.weight is not a [{dim}] tensor "
+                f"({'across heads' if spec.across_heads else 'per head'} expected)")
+    g = torch.Generator().manual_seed(0)
+    eps = 0.25  # large, with small inputs: a norm that ignores or misnames eps is caught
+    x = 0.1 * torch.randn(3, dim, generator=g)
+    with torch.no_grad():
+        w.copy_(torch.randn(dim, generator=g))
+        setattr(norm, spec.eps_attr, eps)
+        got = norm(x)
+    xd = x.double()
+    want = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+            * (w.double() + spec.weight_offset))
+    if got.shape != want.shape or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6):
+        return (f"its {type(norm).__name__} does not compute x * rsqrt(mean(x^2) + "
+                f"{spec.eps_attr}) * ({'1 + ' if spec.weight_offset else ''}weight) over "
+                f"{'heads * head_dim' if spec.across_heads else 'head_dim'}")
+    return None
+
+
+def _probe_fused(mod, spec: _FusedSpec) -> Optional[str]:
+    """None if the fused forward does what transformers' forward of spec.cls_name does, on a
+    tiny random instance (eval and train): the same q/k/v, mask and keyword arguments reach
+    the attention function, and the same output comes back; else why not."""
+    cls = getattr(mod, spec.cls_name, None)
+    if not isinstance(cls, type) or not callable(cls.__dict__.get("forward")):
+        return f"it has no class {spec.cls_name} with its own forward"
+    original = cls.__dict__["forward"]
+    if _is_fused(original):
+        original = original._rope_ext_original
+    cfg_cls = getattr(mod, spec.config_name, None)
+    if cfg_cls is None:
+        return f"it has no {spec.config_name}"
+    try:
+        cfg = cfg_cls(**{**_PROBE_CONFIG, **spec.probe_config})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            attn = cls(cfg, layer_idx=0)
+    except Exception as e:  # noqa: BLE001 (any failure means: not the class we know)
+        return f"a tiny {spec.cls_name} could not be built ({type(e).__name__}: {e})"
+    missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
+                           "head_dim", "scaling", "attention_dropout", "layer_idx", "config")
+               + (("sliding_window",) if spec.sliding_window else ()) if not hasattr(attn, a)]
+    if missing:
+        return f"its {spec.cls_name} has no {', '.join(missing)}"
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = attn.head_dim
+    for norm, h in ((attn.q_norm, heads), (attn.k_norm, kv_heads)):
+        why = _probe_norm(norm, spec, h * d if spec.across_heads else d)
+        if why:
+            return why
+    for norm in (attn.q_norm, attn.k_norm):
+        setattr(norm, spec.eps_attr, 1e-6)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0))
+    batch, seq = 2, 5
+    hidden = torch.randn(batch, seq, cfg.hidden_size, generator=g)
+    angles = torch.rand(batch, seq, d // 2, generator=g) * 6.0
+    emb = torch.cat((angles, angles), dim=-1)
+    position_embeddings = (emb.cos(), emb.sin())
+    mask = torch.zeros(batch, 1, seq, seq).masked_fill(
+        torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+
+    records = []
+    real_eager = mod.eager_attention_forward
+    me = threading.get_ident()
+
+    def recorder(module, query, key, value, attention_mask, **kw):
+        if module is attn and threading.get_ident() == me:
+            records.append((query.detach().clone(), key.detach().clone(),
+                            value.detach().clone(), attention_mask, dict(kw)))
+        return real_eager(module, query, key, value, attention_mask, **kw)
+
+    fused = _make_fused_forward(spec, mod, original)
+    mod.eager_attention_forward = recorder
+    try:
+        outs = []
+        for training in (False, True):
+            attn.train(training)
+            with torch.no_grad():
+                for fwd in (original, fused):
+                    outs.append(fwd(attn, hidden, position_embeddings, mask))
+    except Exception as e:  # noqa: BLE001
+        return f"the probe forward failed ({type(e).__name__}: {e})"
+    finally:
+        mod.eager_attention_forward = real_eager
+    if len(records) != 4:
+        return (f"its {spec.cls_name}.forward does not call the module's attention function "
+                f"once per call")
+    for i in (0, 2):
+        (qa, ka, va, ma, kwa), (qb, kb, vb, mb, kwb) = records[i], records[i + 1]
+        if kwa != kwb:
+            return (f"its {spec.cls_name}.forward passes the attention function the keyword "
+                    f"arguments {kwa}, the fused forward {kwb}")
+        if ma is not mb:
+            return f"its {spec.cls_name}.forward changes the attention mask"
+        for name, a, b in (("query", qa, qb), ("key", ka, kb), ("value", va, vb)):
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                return (f"its {spec.cls_name}.forward gives the attention function a different "
+                        f"{name} than q_norm/k_norm + RoPE as rope_ext computes them")
+    (oa, wa), (ob, wb) = outs[0], outs[1]
+    if oa.shape != ob.shape or not torch.allclose(oa, ob, rtol=1e-4, atol=1e-5):
+        return f"its {spec.cls_name}.forward returns a different output than the fused forward"
+    return None
+
+
+def _check_fused(mod, spec: _FusedSpec) -> Optional[str]:
+    name = _class_name(mod, spec)
+    if name not in _fused_verified:
+        _fused_verified[name] = _probe_fused(mod, spec)
+    return _fused_verified[name]
+
+
+def _patch_fused(mod, spec: _FusedSpec) -> Tuple[bool, Optional[str]]:
+    """Replace spec.cls_name's forward (under _lock): (newly replaced, None), or (False, why
+    not)."""
+    cls = getattr(mod, spec.cls_name, None)
+    current = cls.__dict__.get("forward") if isinstance(cls, type) else None
+    if current is not None and _is_fused(current):
+        return False, None
+    if _fused_op() is None:
+        return False, "this build of rope_ext has no rms_norm_rope_qk"
+    reason = _check_fused(mod, spec)
+    if reason is not None:
+        return False, reason
+    name = _class_name(mod, spec)
+    _fused_originals[name] = (cls, current)
+    cls.forward = _make_fused_forward(spec, mod, current)
+    return True, None
+
+
+def _unpatch_fused(names: Iterable[str]) -> List[str]:
+    restored = []
+    with _lock:
+        for name in names:
+            if name not in _fused_originals:
+                continue
+            cls, original = _fused_originals.pop(name)
+            if _is_fused(cls.__dict__.get("forward")):  # only what is still ours
+                cls.forward = original
+                restored.append(name)
+    return restored
+
+
+class PatchResult(list):
+    """What a :func:`patch` call did: the list of modules whose ``apply_rotary_pos_emb`` is
+    rope_ext's after it (names like ``"transformers.models.llama.modeling_llama"``).
+
+    ``fused`` lists the attention classes whose ``forward`` is the fused QK-norm + RoPE one
+    after the call (names like ``"transformers.models.qwen3.modeling_qwen3.Qwen3Attention"``).
+    ``newly_patched`` / ``newly_fused`` list those this call replaced (the others were patched
+    already); ``skipped`` maps a module or class to why it was left alone; ``pending`` lists
+    the modules not imported yet that ``patch()`` (no argument) will patch when they are.
+    A plain result: use :func:`patched` for a ``with`` block.
     """
 
-    def __init__(self, modules, newly_patched, skipped):
+    def __init__(self, modules, newly_patched, skipped, fused=(), newly_fused=(), pending=()):
         super().__init__(modules)
         self.newly_patched = tuple(newly_patched)
         self.skipped = dict(skipped)
+        self.fused = tuple(fused)
+        self.newly_fused = tuple(newly_fused)
+        self.pending = tuple(pending)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        _unpatch_modules(self.newly_patched)
-        return False
+def _undo(modules, classes) -> List[str]:
+    return _unpatch_modules(modules) + _unpatch_fused(classes)
+
+
+def _refuse(fam: str, reason: str, model_type, skipped, key: str,
+            what: str = "patching") -> None:
+    import transformers
+
+    msg = (f"rope_ext.hf: not {what} model_type {fam!r} ({key}) of transformers "
+           f"{transformers.__version__}: {reason}")
+    if model_type is None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        skipped[key] = reason
+        return
+    raise RuntimeError(msg)
 
 
 def patch(model_type: Union[None, str, Sequence[str]] = None) -> PatchResult:
@@ -378,55 +696,173 @@ def patch(model_type: Union[None, str, Sequence[str]] = None) -> PatchResult:
     stablelm, persimmon (these three slice the rotary part before the call), and the
     partial-rotary forms phi3, gpt_neox, nemotron (the function itself rotates
     ``cos.shape[-1]`` leading dimensions and passes the rest through). Not patched, because their
-    function means something else: GPT-J/CodeGen, Cohere, GLM (interleaved pairing), OLMo/OLMo-2,
+    function means something else: GPT-J/CodeGen, Cohere, GLM (interleaved pairing), OLMo,
     ESM, ModernBERT (float32 math or casts), Gemma-3n/Gemma-4 (one tensor per call), the
     multimodal-RoPE VL models, DeepSeek-V2 (complex). See ``SUPPORTED_MODEL_TYPES``.
 
+    QK-norm families (``FUSED_MODEL_TYPES``: qwen3, olmo2, gemma3): the attention class's
+    ``forward`` is also replaced by one that RMS-normalizes and rotates q and k in a single
+    ``rope_ext.rms_norm_rope_qk`` call on the ``[b, s, h, d]`` views of the projections
+    (Qwen3 and Gemma 3 normalize each head, Gemma 3 with ``x * (1 + weight)``; OLMo 2 each
+    token over all heads), then does what transformers' forward does (cache update, the
+    attention function of ``config._attn_implementation``, ``o_proj``). q and k come out in
+    the projections' dtype, rounded once from float32. OLMo 2's own ``apply_rotary_pos_emb``
+    (it casts back to q's dtype) is not replaced; its forward is. Before the first
+    replacement, a tiny random instance of the class is run through transformers' forward
+    and the fused one: the norm modules must compute what the op computes, and the attention
+    function must receive the same q/k/v, mask and keyword arguments (sliding_window, and
+    Gemma 3's softcapping, which 5.18 does not pass), or the class is refused. Without
+    ``rope_ext.rms_norm_rope_qk`` in this build, the forwards stay transformers' (noted in
+    ``skipped``; patch("olmo2") then raises, as nothing else would change).
+
     Args:
-        model_type: None (every supported type present in the installed transformers), one
-            config.model_type string, or a list of them. An unsupported or unknown one raises
-            ValueError naming it.
+        model_type: None (every supported type: those whose modeling module is already
+            imported now, the others by an import hook when transformers imports them, so
+            nothing is imported or read here), one config.model_type string, or a list of
+            them (imported now). An unsupported or unknown one raises ValueError naming it.
 
     Returns:
-        A :class:`PatchResult`: the list of patched module names. Patching twice is harmless
-        (the true original is kept for :func:`unpatch`). Before replacing, the installed source
-        is checked to hold the expected function; a module that fails the check is refused
-        (RuntimeError for a type asked for by name; skipped with a warning for None).
+        A :class:`PatchResult`: the list of patched module names, and the fused classes.
+        Patching twice is harmless (the true originals are kept for :func:`unpatch`). Before
+        replacing, the installed code is checked; a module or class that fails the check is
+        refused (RuntimeError for a type asked for by name, and nothing this call did stays
+        patched; skipped with a warning for None).
 
-    Use as ``with rope_ext.hf.patch("llama"): ...`` (or :func:`patched`) to undo on exit.
+    For a ``with`` block, use :func:`patched`.
     """
+    import sys
+
     families = _resolve(model_type)
-    modules, newly, skipped = [], [], {}
-    with _lock:
+    if model_type is not None:  # imported before taking _lock, which the import hook takes
         for fam in families:
             mod_name = _module_name(fam)
             try:
-                mod = importlib.import_module(mod_name)
+                importlib.import_module(mod_name)
             except ImportError as e:
-                if model_type is None:
-                    skipped[mod_name] = f"not importable in this transformers ({e})"
+                raise RuntimeError(f"model_type {fam!r}: {mod_name} cannot be imported "
+                                   f"({e})") from e
+    acc = _Acc()
+    with _lock:
+        try:
+            for fam in families:
+                mod_name = _module_name(fam)
+                mod = sys.modules.get(mod_name)
+                if mod is None:  # not imported: patched by the import hook when it is
+                    _pending.add(fam)
+                    acc.pending.append(mod_name)
                     continue
-                raise RuntimeError(f"model_type {fam!r}: {mod_name} cannot be imported ({e})") from e
-            current = getattr(mod, "apply_rotary_pos_emb", None)
-            if current is apply_rotary_pos_emb:
-                modules.append(mod_name)
-                continue
+                _patch_family(fam, mod, model_type, acc)
+            if acc.pending:
+                _install_import_hook()
+        except BaseException:
+            _undo(acc.newly, acc.newly_fused)
+            raise
+    return PatchResult(acc.modules, acc.newly, acc.skipped, acc.fused, acc.newly_fused,
+                       acc.pending)
+
+
+class _Acc:
+    def __init__(self):
+        self.modules, self.newly, self.skipped = [], [], {}
+        self.fused, self.newly_fused, self.pending = [], [], []
+
+
+def _patch_family(fam: str, mod, model_type, acc: _Acc) -> None:
+    """Patch one imported modeling module (under _lock), recording what happened in acc."""
+    mod_name = mod.__name__
+    if fam in SUPPORTED_MODEL_TYPES:
+        current = getattr(mod, "apply_rotary_pos_emb", None)
+        if current is apply_rotary_pos_emb:
+            acc.modules.append(mod_name)
+        else:
             reason = _check_module(mod, SUPPORTED_MODEL_TYPES[fam])
             if reason is not None:
-                import transformers
+                _refuse(fam, reason, model_type, acc.skipped, mod_name)
+            else:
+                _originals[mod_name] = current
+                mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+                acc.modules.append(mod_name)
+                acc.newly.append(mod_name)
+    spec = FUSED_MODEL_TYPES.get(fam)
+    if spec is not None:
+        cls_name = _class_name(mod, spec)
+        replaced, reason = _patch_fused(mod, spec)
+        if reason is None:
+            acc.fused.append(cls_name)
+            if replaced:
+                acc.newly_fused.append(cls_name)
+        elif _fused_op() is None:
+            acc.skipped[cls_name] = reason
+            if model_type is not None and fam not in SUPPORTED_MODEL_TYPES:
+                raise RuntimeError(f"rope_ext.hf: model_type {fam!r} needs "
+                                   f"rope_ext.rms_norm_rope_qk: {reason}")
+        else:
+            _refuse(fam, reason, model_type, acc.skipped, cls_name, "fusing QK-norm + RoPE of")
 
-                msg = (f"rope_ext.hf: not patching model_type {fam!r} ({mod_name}) of "
-                       f"transformers {transformers.__version__}: {reason}")
-                if model_type is None:
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                    skipped[mod_name] = reason
-                    continue
-                raise RuntimeError(msg)
-            _originals[mod_name] = current
-            mod.apply_rotary_pos_emb = apply_rotary_pos_emb
-            modules.append(mod_name)
-            newly.append(mod_name)
-    return PatchResult(modules, newly, skipped)
+
+# patch() with no argument: families whose module was not imported yet, patched on import.
+_pending = set()
+
+
+class _PatchingLoader:
+    """Wraps a modeling module's loader: runs it, then patches the module (under _lock)."""
+
+    def __init__(self, loader, fam):
+        self._loader, self._fam = loader, fam
+
+    def __getattr__(self, name):  # get_source, get_code, ...: the real loader's
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        with _lock:
+            if self._fam in _pending:
+                _pending.discard(self._fam)
+                _patch_family(self._fam, module, None, _Acc())
+            if not _pending:
+                _remove_import_hook()
+
+
+class _PatchOnImport:
+    """A sys.meta_path finder that hands the pending modeling modules a _PatchingLoader."""
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith("transformers.models."):
+            return None
+        fam = next((f for f in list(_pending) if _module_name(f) == name), None)
+        if fam is None:
+            return None
+        import sys
+
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader, fam)
+                return spec
+        return None
+
+
+_hook = _PatchOnImport()
+
+
+def _install_import_hook() -> None:
+    import sys
+
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def _remove_import_hook() -> None:
+    import sys
+
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
 
 
 def _unpatch_modules(mod_names: Iterable[str]) -> List[str]:
@@ -447,37 +883,65 @@ def _unpatch_modules(mod_names: Iterable[str]) -> List[str]:
 
 
 def unpatch(model_type: Union[None, str, Sequence[str]] = None) -> List[str]:
-    """Undo :func:`patch`: put back the exact function objects it replaced.
+    """Undo :func:`patch`: put back the exact function objects it replaced (each module's
+    ``apply_rotary_pos_emb`` and each fused attention class's ``forward``).
 
     Args:
         model_type: None (everything patched) or the types to restore, as for :func:`patch`.
 
     Returns:
-        The names of the modules restored (empty if nothing was patched).
+        The names of the modules and attention classes restored (empty if nothing was
+        patched).
     """
-    if model_type is None:
-        with _lock:
-            names = list(_originals)
-    else:
-        names = [_module_name(f) for f in _resolve(model_type)]
-    return _unpatch_modules(names)
+    with _lock:
+        if model_type is None:
+            names, classes = list(_originals), list(_fused_originals)
+            _pending.clear()
+        else:
+            fams = _resolve(model_type)
+            names = [_module_name(f) for f in fams]
+            classes = [f"{_module_name(f)}.{FUSED_MODEL_TYPES[f].cls_name}" for f in fams
+                       if f in FUSED_MODEL_TYPES]
+            _pending.difference_update(fams)
+        if not _pending:
+            _remove_import_hook()
+        return _undo(names, classes)
 
 
 def is_patched(model_type: str) -> bool:
-    """Whether ``model_type``'s module currently calls rope_ext (False if it is not imported)."""
+    """Whether ``model_type``'s module calls rope_ext: its ``apply_rotary_pos_emb`` is
+    rope_ext's or its attention class runs the fused QK-norm + RoPE forward (False if the
+    module is not imported)."""
     import sys
 
     (fam,) = _resolve(model_type)
     mod = sys.modules.get(_module_name(fam))
-    return mod is not None and getattr(mod, "apply_rotary_pos_emb", None) is apply_rotary_pos_emb
+    if mod is None:
+        return False
+    if getattr(mod, "apply_rotary_pos_emb", None) is apply_rotary_pos_emb:
+        return True
+    spec = FUSED_MODEL_TYPES.get(fam)
+    cls = getattr(mod, spec.cls_name, None) if spec is not None else None
+    return isinstance(cls, type) and _is_fused(cls.__dict__.get("forward"))
 
 
 @contextlib.contextmanager
 def patched(model_type: Union[None, str, Sequence[str]] = None):
     """Context manager: :func:`patch` on entry, and on exit unpatch what this entry patched
     (types that were already patched stay patched). Yields the :class:`PatchResult`."""
-    result = patch(model_type)
+    with _lock:
+        before = set(_pending)
+        result = patch(model_type)
+        added = set(_pending) - before
     try:
         yield result
     finally:
-        _unpatch_modules(result.newly_patched)
+        with _lock:
+            # what this entry patched, including pending modules imported inside the block
+            done = [n for n in (_module_name(f) for f in added) if n in _originals]
+            done_cls = [c for c in _fused_originals
+                        if any(c.startswith(_module_name(f) + ".") for f in added)]
+            _pending.difference_update(added)
+            if not _pending:
+                _remove_import_hook()
+            _undo(list(result.newly_patched) + done, list(result.newly_fused) + done_cls)

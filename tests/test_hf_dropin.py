@@ -312,8 +312,16 @@ def test_import_does_not_load_transformers():
 
 
 def test_patch_names_what_it_patched_and_unpatch_restores_originals():
+    _module("olmo2")  # with TRUE_ORIGINALS' imports: every supported module, none pending
     result = hf.patch()
-    assert result.skipped == {}  # every supported family's source passed the form check
+    fused = [f"transformers.models.{f}.modeling_{f}.{s.cls_name}"
+             for f, s in hf.FUSED_MODEL_TYPES.items()]
+    if hasattr(rope_ext, "rms_norm_rope_qk"):
+        assert result.skipped == {}  # every supported family passed the checks
+        assert sorted(result.fused) == sorted(fused)
+    else:  # the fused QK-norm forwards need the op
+        assert sorted(result.skipped) == sorted(fused) and result.fused == ()
+    assert result.pending == ()
     expected = [f"transformers.models.{f}.modeling_{f}" for f in hf.SUPPORTED_MODEL_TYPES]
     assert list(result) == expected and list(result.newly_patched) == expected
     for name in expected:
@@ -322,8 +330,8 @@ def test_patch_names_what_it_patched_and_unpatch_restores_originals():
         assert f"transformers.models.{fam}.modeling_{fam}" in result
     again = hf.patch()  # idempotent: nothing new, originals kept
     assert list(again) == expected and again.newly_patched == ()
-    restored = hf.unpatch()
-    assert sorted(restored) == sorted(expected)
+    restored = hf.unpatch()  # the modules, and the fused attention classes
+    assert sorted(restored) == sorted(expected + list(result.fused))
     for name in expected:
         assert sys.modules[name].apply_rotary_pos_emb is TRUE_ORIGINALS[name]
     assert hf.unpatch() == []
@@ -368,9 +376,8 @@ def test_context_managers():
         assert list(r.newly_patched) == ["transformers.models.llama.modeling_llama"]
         assert hf.is_patched("llama") and hf.is_patched("qwen2")
     assert not hf.is_patched("llama") and hf.is_patched("qwen2")  # only what it patched
-    with hf.patch("mistral"):
-        assert hf.is_patched("mistral")
-    assert not hf.is_patched("mistral")
+    assert not hasattr(hf.patch("mistral"), "__enter__")  # one context manager: patched()
+    assert hf.is_patched("mistral")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +452,13 @@ def test_every_supported_family_eager(fam, monkeypatch, count_calls):
         ref, n_hf = run_counting_original(
             monkeypatch, fam, lambda: model(ids, position_ids=pos).logits)
         assert n_hf >= 1
-        with hf.patch(fam) as result:
+        with hf.patched(fam) as result:
             assert list(result) == [f"transformers.models.{fam}.modeling_{fam}"]
             out = model(ids, position_ids=pos).logits
-        assert len(count_calls) == n_hf  # every rotary call went through rope_ext
+        if result.fused:  # Qwen3, Gemma 3: norms + RoPE in rope_ext.rms_norm_rope_qk (see
+            assert count_calls == []  # tests/test_hf_fused.py), transformers' function unused
+        else:
+            assert len(count_calls) == n_hf  # every rotary call went through rope_ext
         back = model(ids, position_ids=pos).logits
     assert rel_err(out, ref) <= 1e-5
     assert torch.equal(back, ref)  # unpatched: transformers' own arithmetic again, bit for bit
@@ -543,6 +553,34 @@ def test_patch_after_compile_takes_effect(count_calls):
     finally:
         torch._dynamo.reset()
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_patch_everything_imports_nothing_and_hooks_later_imports():
+    """patch() with no argument patches the modules already imported and leaves the others
+    to an import hook: transformers is not even imported by it. unpatch() removes the hook."""
+    import subprocess
+
+    code = """if True:
+        import sys, rope_ext.hf as hf
+        r = hf.patch()
+        assert "transformers" not in sys.modules, "patch() imported transformers"
+        assert list(r) == [] and len(r.pending) == len(hf._all_families()), r.pending
+        from transformers.models.llama import modeling_llama
+        from transformers.models.gpt_neox import modeling_gpt_neox
+        assert modeling_llama.apply_rotary_pos_emb is hf.apply_rotary_pos_emb
+        assert hf.is_patched("gpt_neox") and not hf.is_patched("qwen2")  # qwen2: not imported
+        assert "transformers.models.qwen2.modeling_qwen2" not in sys.modules
+        assert sorted(hf.unpatch()) == [modeling_gpt_neox.__name__, modeling_llama.__name__]
+        assert modeling_llama.apply_rotary_pos_emb is not hf.apply_rotary_pos_emb
+        assert hf._hook not in sys.meta_path
+        from transformers.models.qwen2 import modeling_qwen2  # imported after unpatch: left alone
+        assert modeling_qwen2.apply_rotary_pos_emb is not hf.apply_rotary_pos_emb
+        with hf.patched():
+            from transformers.models.mistral import modeling_mistral
+            assert hf.is_patched("mistral")
+        assert not hf.is_patched("mistral") and hf._hook not in sys.meta_path
+    """
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_no_warnings_when_patching_everything():

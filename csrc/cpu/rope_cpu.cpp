@@ -150,6 +150,13 @@ void rope_cpu(const RopeProblem& p) {
   ROPE_CPU_DISPATCH(isa_in_force(want), rope_cpu_kernel, p)
 }
 
+void norm_rope_cpu(const NormRopeProblem& p) {
+  const auto want = static_cast<Kernel>(requested().load(std::memory_order_relaxed));
+  if (want == Kernel::kCudaHost) return cuda::norm_rope_cuda_host(p);
+  check_positions(p.rope);
+  ROPE_CPU_DISPATCH(isa_in_force(want), norm_rope_cpu_kernel, p)
+}
+
 void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n) {
   const auto want = static_cast<Kernel>(requested().load(std::memory_order_relaxed));
   ROPE_CPU_DISPATCH(isa_in_force(want), narrow_float, in, out, dtype, n)

@@ -11,6 +11,7 @@ namespace rope::cpu {
 #define ROPE_CPU_VARIANT(isa)                                                      \
   namespace isa {                                                                  \
   void rope_cpu_kernel(const RopeProblem& p);                                      \
+  void norm_rope_cpu_kernel(const NormRopeProblem& p);                             \
   void narrow_float(const float* in, void* out, c10::ScalarType dtype, int64_t n); \
   }
 ROPE_CPU_VARIANT(DEFAULT)
@@ -23,6 +24,9 @@ ROPE_CPU_VARIANT(AVX512_BF16)
 // Runs the kernel in force: by default the widest of the four that this processor
 // runs and ATen allows (ATEN_CPU_CAPABILITY caps it, as it does for ATen's own kernels).
 void rope_cpu(const RopeProblem& p);
+
+// The fused QK-RMSNorm + RoPE (forward or backward) with the same choice of kernel.
+void norm_rope_cpu(const NormRopeProblem& p);
 
 // Selects the kernel rope_cpu runs: "auto" (the widest), "default", "avx2", "avx512",
 // "avx512_bf16" (each capped to what the machine runs), or "cuda-host" (the CUDA

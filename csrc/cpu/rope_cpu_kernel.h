@@ -136,49 +136,56 @@ inline void stream_fence() {
 // Pairs (x[i], x[i + pairs]) of one head, head_dim at unit stride. c and s hold
 // the token's table row padded with zeros to a multiple of kSize, so the table
 // loads of a last partial block stay inside the buffer.
-template <bool kStream, typename scalar_t>
-void rotate_head_half_split(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
-                            const opmath_t<scalar_t>* s, int64_t pairs) {
-  using B = Block<scalar_t>;
-  using V = typename B::V;
-  for (int64_t i = 0; i < pairs; i += B::kSize) {
-    const int64_t n = std::min(B::kSize, pairs - i);
+//
+// in_t and out_t may differ (bf16 in, float out, or the reverse: the fused norm kernel
+// rotates from and into a buffer in the math type); their math types are the same.
+template <bool kStream, typename in_t, typename out_t>
+void rotate_head_half_split(const in_t* x, out_t* y, const opmath_t<out_t>* c,
+                            const opmath_t<out_t>* s, int64_t pairs) {
+  static_assert(std::is_same_v<opmath_t<in_t>, opmath_t<out_t>>);
+  using In = Block<in_t>;
+  using Out = Block<out_t>;
+  using V = typename Out::V;
+  for (int64_t i = 0; i < pairs; i += Out::kSize) {
+    const int64_t n = std::min(Out::kSize, pairs - i);
     V a0, a1, b0, b1;
-    B::load(x + i, n, a0, a1);
-    B::load(x + pairs + i, n, b0, b1);
+    In::load(x + i, n, a0, a1);
+    In::load(x + pairs + i, n, b0, b1);
     rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
-    rotate_pair(a1, b1, V::loadu(c + i + B::W), V::loadu(s + i + B::W));
-    B::template put<kStream>(y + i, n, a0, a1);
-    B::template put<kStream>(y + pairs + i, n, b0, b1);
+    rotate_pair(a1, b1, V::loadu(c + i + Out::W), V::loadu(s + i + Out::W));
+    Out::template put<kStream>(y + i, n, a0, a1);
+    Out::template put<kStream>(y + pairs + i, n, b0, b1);
   }
 }
 
 // Pairs (x[2i], x[2i + 1]): a block of 2W elements holds W pairs, split into
 // even and odd lanes, rotated, and merged back.
-template <bool kStream, typename scalar_t>
-void rotate_head_interleaved(const scalar_t* x, scalar_t* y, const opmath_t<scalar_t>* c,
-                             const opmath_t<scalar_t>* s, int64_t pairs) {
-  using B = Block<scalar_t>;
-  using V = typename B::V;
+template <bool kStream, typename in_t, typename out_t>
+void rotate_head_interleaved(const in_t* x, out_t* y, const opmath_t<out_t>* c,
+                             const opmath_t<out_t>* s, int64_t pairs) {
+  static_assert(std::is_same_v<opmath_t<in_t>, opmath_t<out_t>>);
+  using In = Block<in_t>;
+  using Out = Block<out_t>;
+  using V = typename Out::V;
   const int64_t r = 2 * pairs;
-  for (int64_t e = 0; e < r; e += B::kSize) {
-    const int64_t n = std::min(B::kSize, r - e);
+  for (int64_t e = 0; e < r; e += Out::kSize) {
+    const int64_t n = std::min(Out::kSize, r - e);
     V lo, hi;
-    B::load(x + e, n, lo, hi);
+    In::load(x + e, n, lo, hi);
     auto [a, b] = at::vec::deinterleave2(lo, hi);
     rotate_pair(a, b, V::loadu(c + e / 2), V::loadu(s + e / 2));
     std::tie(lo, hi) = at::vec::interleave2(a, b);
-    B::template put<kStream>(y + e, n, lo, hi);
+    Out::template put<kStream>(y + e, n, lo, hi);
   }
 }
 
 // Any strides: the shared chunk math with one pair per chunk, as the CUDA
 // kernel's scalar path runs it.
-template <typename scalar_t>
-void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd,
-                         const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s, int64_t pairs,
+template <typename in_t, typename out_t>
+void rotate_head_strided(const in_t* x, int64_t xsd, out_t* y, int64_t ysd,
+                         const opmath_t<out_t>* c, const opmath_t<out_t>* s, int64_t pairs,
                          bool interleaved) {
-  using T = opmath_t<scalar_t>;
+  using T = opmath_t<out_t>;
   for (int64_t i = 0; i < pairs; ++i) {
     int64_t lo_off, hi_off;
     chunk_offsets(i, 1, pairs, interleaved, lo_off, hi_off);
@@ -186,8 +193,8 @@ void rotate_head_strided(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ys
     T hi[1] = {static_cast<T>(x[hi_off * xsd])};
     const T cc[1] = {c[i]}, ss[1] = {s[i]};
     rotate_chunk(lo, hi, cc, ss, interleaved);
-    y[lo_off * ysd] = static_cast<scalar_t>(lo[0]);
-    y[hi_off * ysd] = static_cast<scalar_t>(hi[0]);
+    y[lo_off * ysd] = static_cast<out_t>(lo[0]);
+    y[hi_off * ysd] = static_cast<out_t>(hi[0]);
   }
 }
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../rope_adapter.h"
+#include "norm_rope_cuda_kernel.cuh"
 #include "rope_cuda_kernel.cuh"
 #include "rope_launch_config.h"
 
@@ -75,6 +76,81 @@ void rope_cuda(const RopeProblem& p) {
   plan_and_run(p, launch_config(), sm_count(device), runner);
 }
 
+// --- the fused QK-RMSNorm + RoPE (norm_rope_cuda_kernel.cuh) ---
+
+// The lanes of this thread's warp that exist (a block of fewer than 32 threads, or
+// a last partial warp, has fewer): the mask of the item loop's shuffles.
+__device__ __forceinline__ unsigned warp_lanes_mask() {
+  const unsigned threads = blockDim.x * blockDim.y;
+  const unsigned linear = threadIdx.y * blockDim.x + threadIdx.x;
+  const unsigned first = linear / 32 * 32;
+  const unsigned lanes = threads - first < 32 ? threads - first : 32;
+  return lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+}
+
+template <typename scalar_t, typename table_t, int N>
+__global__ void norm_rope_kernel(const NormRopeProblem np, const NormPlan plan) {
+  using T = opmath_t<scalar_t>;
+  const unsigned mask = warp_lanes_mask();
+  const int64_t stride = plan.grid * plan.block_y;
+  // The loop bound depends on the block only, so every lane of a warp takes part in
+  // every shuffle; lanes past the last item add zeros.
+  for (int64_t base = blockIdx.x * static_cast<int64_t>(plan.block_y); base < plan.items;
+       base += stride) {
+    const int64_t item = base + threadIdx.y;
+    const bool active = item < plan.items;
+    T sum = T(0);
+    if (active) {
+      sum = np.backward
+                ? norm_backward_sum<scalar_t, table_t, N, DeviceAccess>(np, plan, item, threadIdx.x)
+                : norm_forward_sum<scalar_t, table_t, N, DeviceAccess>(np, plan, item, threadIdx.x);
+    }
+    for (int o = plan.block_x / 2; o > 0; o /= 2) sum += __shfl_xor_sync(mask, sum, o);
+    if (!active) continue;
+    if (np.backward) {
+      norm_backward_store<scalar_t, table_t, N, DeviceAccess>(np, plan, item, threadIdx.x, sum);
+    } else {
+      norm_forward_store<scalar_t, table_t, N, DeviceAccess>(np, plan, item, threadIdx.x, sum);
+    }
+  }
+}
+
+template <typename scalar_t, typename table_t>
+__global__ void scale_grad_partial_kernel(const NormRopeProblem np) {
+  scale_grad_partial<scalar_t, table_t, DeviceAccess>(
+      np, static_cast<int64_t>(blockIdx.x) * kFlatBlock + threadIdx.x);
+}
+
+template <typename T>
+__global__ void scale_grad_sum_kernel(const NormRopeProblem np) {
+  scale_grad_sum<T, DeviceAccess>(np, static_cast<int64_t>(blockIdx.x) * kFlatBlock + threadIdx.x);
+}
+
+struct NormDeviceRunner {
+  cudaStream_t stream;
+  template <typename scalar_t, typename table_t, int N>
+  void run(const NormRopeProblem& np, const NormPlan& plan) {
+    norm_rope_kernel<scalar_t, table_t, N>
+        <<<static_cast<unsigned>(plan.grid), dim3(plan.block_x, plan.block_y), 0, stream>>>(np,
+                                                                                            plan);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!np.backward) return;
+    scale_grad_partial_kernel<scalar_t, table_t>
+        <<<static_cast<unsigned>(plan.partial_grid), kFlatBlock, 0, stream>>>(np);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scale_grad_sum_kernel<opmath_t<scalar_t>>
+        <<<static_cast<unsigned>(plan.sum_grid), kFlatBlock, 0, stream>>>(np);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+void norm_rope_cuda(const NormRopeProblem& np) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  NormDeviceRunner runner{c10::cuda::getCurrentCUDAStream()};
+  plan_and_run_norm(np, launch_config(), sm_count(device), runner);
+}
+
 // --- registration: the device guard here, the shared checks in rope_adapter.cpp ---
 
 at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -110,6 +186,36 @@ void apply_qk_cuda_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   apply_qk_(rope_cuda, q, k, cos, sin, positions, interleaved, inverse, inv_freq, attention_factor);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& positions, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, double eps, bool across_heads, double weight_offset,
+    bool interleaved) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return rms_norm_rope_qk(norm_rope_cuda, q, k, cos, sin, positions, q_weight, k_weight, eps,
+                          across_heads, weight_offset, interleaved);
+}
+
+void rms_norm_rope_qk_cuda_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                            const at::Tensor& q_weight, const at::Tensor& k_weight, double eps,
+                            bool across_heads, double weight_offset, bool interleaved) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  rms_norm_rope_qk_(norm_rope_cuda, q, k, cos, sin, positions, q_weight, k_weight, eps,
+                    across_heads, weight_offset, interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_backward_cuda(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& q_rstd,
+    const at::Tensor& k_rstd, bool across_heads, double weight_offset, bool interleaved) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return rms_norm_rope_qk_backward(norm_rope_cuda, grad_q, grad_k, q, k, cos, sin, positions,
+                                   q_weight, k_weight, q_rstd, k_rstd, across_heads, weight_offset,
+                                   interleaved);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rope, CUDA, m) {
@@ -117,6 +223,9 @@ TORCH_LIBRARY_IMPL(rope, CUDA, m) {
   m.impl("apply_", &apply_cuda_);
   m.impl("apply_qk", &apply_qk_cuda);
   m.impl("apply_qk_", &apply_qk_cuda_);
+  m.impl("rms_norm_rope_qk", &rms_norm_rope_qk_cuda);
+  m.impl("rms_norm_rope_qk_", &rms_norm_rope_qk_cuda_);
+  m.impl("rms_norm_rope_qk_backward", &rms_norm_rope_qk_backward_cuda);
 }
 
 }  // namespace rope::cuda

@@ -19,6 +19,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "norm_rope_cuda_kernel.cuh"
 #include "rope_launch_config.h"
 
 namespace rope::cuda {
@@ -91,39 +92,153 @@ struct HostRunner {
   }
 };
 
-// Every element the launch had to write, stored exactly once, and nothing else stored.
-void check_stores(const RopeProblem& p, LaunchCheck& check) {
-  static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
-  const int64_t elem = c10::elementSize(p.x_dtype);
-  int64_t expected = 0;
-  for (int i = 0; i < p.num_x; ++i) {
-    const HeadsDesc& d = p.x[i];
-    // In place, the pass-through tail x[r:] is not written.
-    const int64_t dims = d.in == d.out ? 2 * p.pairs : d.head_dim;
+// After a launch: every element it had to write stored exactly once, nothing else stored.
+class ExpectedStores {
+ public:
+  explicit ExpectedStores(LaunchCheck& check) : check_(check) {}
+
+  // Element e of head h of token (b, s) of an output described by d (`dims` per head).
+  void heads(const RopeProblem& p, const HeadsDesc& d, const char* name, int64_t dims) {
+    const int64_t elem = c10::elementSize(p.x_dtype);
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t s = 0; s < p.seq; ++s) {
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t e = 0; e < dims; ++e) {
             const int64_t off = b * d.out_stride_batch + s * d.out_stride_seq +
                                 h * d.out_stride_head + e * d.out_stride_dim;
-            const auto addr =
-                reinterpret_cast<uintptr_t>(d.out) + static_cast<uintptr_t>(off * elem);
-            const auto it = check.stores.find(addr);
-            const uint32_t times = it == check.stores.end() ? 0 : it->second;
-            TORCH_CHECK(times == 1, "rope cuda-host: output element ", names[p.num_x - 1][i], "[",
-                        b, ", ", s, ", ", h, ", ", e, "] was stored ", times,
+            const uint32_t times = stored(reinterpret_cast<uintptr_t>(d.out) + off * elem);
+            TORCH_CHECK(times == 1, "rope cuda-host: output element ", name, "[", b, ", ", s, ", ",
+                        h, ", ", e, "] was stored ", times,
                         " times in one launch (expected exactly once)");
-            ++expected;
           }
         }
       }
     }
   }
-  TORCH_CHECK(static_cast<int64_t>(check.stores.size()) == expected,
-              "rope cuda-host: the launch "
-              "stored ",
-              check.stores.size() - expected, " elements outside its outputs");
+
+  // Elements [0, n) of a contiguous output of `elem`-byte elements.
+  void range(const void* base, int64_t n, int64_t elem, const char* name) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t times = stored(reinterpret_cast<uintptr_t>(base) + j * elem);
+      TORCH_CHECK(times == 1, "rope cuda-host: output element ", name, "[", j, "] was stored ",
+                  times, " times in one launch (expected exactly once)");
+    }
+  }
+
+  void finish() const {
+    TORCH_CHECK(static_cast<int64_t>(check_.stores.size()) == expected_,
+                "rope cuda-host: the launch stored ", check_.stores.size() - expected_,
+                " elements outside its outputs");
+  }
+
+ private:
+  uint32_t stored(uintptr_t addr) {
+    ++expected_;
+    const auto it = check_.stores.find(addr);
+    return it == check_.stores.end() ? 0 : it->second;
+  }
+  LaunchCheck& check_;
+  int64_t expected_ = 0;
+};
+
+// What a rotation launch must store.
+void expect_rotation_stores(const RopeProblem& p, ExpectedStores& expected) {
+  static const char* names[2][2] = {{"x", "x"}, {"q", "k"}};
+  for (int i = 0; i < p.num_x; ++i) {
+    const HeadsDesc& d = p.x[i];
+    // In place, the pass-through tail x[r:] is not written.
+    expected.heads(p, d, names[p.num_x - 1][i], d.in == d.out ? 2 * p.pairs : d.head_dim);
+  }
 }
+
+// Runs a launch of `run` (called as run() with current_check set) and checks its stores
+// with `expect(ExpectedStores&)`.
+template <typename Run, typename Expect>
+void checked_launch(Run&& run, Expect&& expect) {
+  LaunchCheck check;
+  current_check = &check;
+  try {
+    run();
+  } catch (...) {
+    current_check = nullptr;
+    throw;
+  }
+  current_check = nullptr;
+  ExpectedStores expected(check);
+  expect(expected);
+  expected.finish();
+}
+
+// The fused QK-norm kernels, run as norm_rope_cuda_kernel.cuh says: per item, phase 1
+// for every lane, the butterfly, phase 2 for every lane.
+struct NormHostRunner {
+  template <typename scalar_t, typename table_t, int N>
+  void run(const NormRopeProblem& np, const NormPlan& plan) {
+    using T = opmath_t<scalar_t>;
+    using A = CheckedHostAccess;
+    const RopeProblem& p = np.rope;
+    static const char* names[2] = {"q", "k"};
+    checked_launch(
+        [&] {
+          const int64_t stride = plan.grid * plan.block_y;
+          for (int64_t block = 0; block < plan.grid; ++block) {
+            for (int64_t base = block * plan.block_y; base < plan.items; base += stride) {
+              for (int64_t ty = 0; ty < plan.block_y && base + ty < plan.items; ++ty) {
+                const int64_t item = base + ty;
+                T sums[32];
+                for (int lane = 0; lane < plan.block_x; ++lane) {
+                  sums[lane] =
+                      np.backward ? norm_backward_sum<scalar_t, table_t, N, A>(np, plan, item, lane)
+                                  : norm_forward_sum<scalar_t, table_t, N, A>(np, plan, item, lane);
+                }
+                butterfly_host(sums, plan.block_x);
+                for (int lane = 0; lane < plan.block_x; ++lane) {
+                  if (np.backward) {
+                    norm_backward_store<scalar_t, table_t, N, A>(np, plan, item, lane, sums[lane]);
+                  } else {
+                    norm_forward_store<scalar_t, table_t, N, A>(np, plan, item, lane, sums[lane]);
+                  }
+                }
+              }
+            }
+          }
+        },
+        [&](ExpectedStores& expected) {
+          for (int i = 0; i < p.num_x; ++i) {
+            expected.heads(p, p.x[i], names[i], p.x[i].head_dim);
+            const NormDesc& nd = np.norm[i];
+            if (!np.backward && nd.rstd != nullptr) {
+              const int64_t per_token = np.across_heads ? 1 : p.x[i].heads;
+              expected.range(nd.rstd, p.batch * p.seq * per_token, sizeof(T), "rstd");
+            }
+          }
+        });
+    if (!np.backward) return;
+    checked_launch(
+        [&] {
+          for (int64_t index = 0; index < plan.partial_grid * kFlatBlock; ++index) {
+            scale_grad_partial<scalar_t, table_t, A>(np, index);
+          }
+        },
+        [&](ExpectedStores& expected) {
+          for (int i = 0; i < p.num_x; ++i) {
+            expected.range(np.norm[i].scale_grad_partial, np.groups * scale_size(np, i), sizeof(T),
+                           "scale_grad_partial");
+          }
+        });
+    checked_launch(
+        [&] {
+          for (int64_t index = 0; index < plan.sum_grid * kFlatBlock; ++index) {
+            scale_grad_sum<T, A>(np, index);
+          }
+        },
+        [&](ExpectedStores& expected) {
+          for (int i = 0; i < p.num_x; ++i) {
+            expected.range(np.norm[i].scale_grad, scale_size(np, i), sizeof(T), "scale_grad");
+          }
+        });
+  }
+};
 
 std::mutex last_plan_mutex;
 std::string last_plan;
@@ -183,29 +298,38 @@ std::string set_launch_config(const std::string& spec) {
   return previous;
 }
 
+// As many multiprocessors as an H100 or H200 (132) unless the config says otherwise.
+constexpr int kHostSmCount = 132;
+
+void record_plan(const std::string& text) {
+  const std::lock_guard<std::mutex> lock(last_plan_mutex);
+  last_plan = text;
+}
+
 void rope_cuda_host(const RopeProblem& p) {
-  // As many multiprocessors as an H100 or H200 (132) unless the config says otherwise.
-  constexpr int kHostSmCount = 132;
-  LaunchCheck check;
-  current_check = &check;
   HostRunner runner;
   LaunchPlan plan;
-  try {
-    plan = plan_and_run(p, launch_config(), kHostSmCount, runner);
-  } catch (...) {
-    current_check = nullptr;
-    throw;
-  }
-  current_check = nullptr;
+  checked_launch([&] { plan = plan_and_run(p, launch_config(), kHostSmCount, runner); },
+                 [&](ExpectedStores& expected) { expect_rotation_stores(p, expected); });
   TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
               "rope cuda-host: the plan exceeds CUDA's launch limits");
-  check_stores(p, check);
   std::ostringstream text;
   text << "grid=" << plan.grid << ",block_x=" << plan.block_x << ",block_y=" << plan.block_y
        << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec << ",index64=" << int(plan.index64)
        << ",heads_per_item=" << plan.heads_per_item << ",items=" << plan.items;
-  const std::lock_guard<std::mutex> lock(last_plan_mutex);
-  last_plan = text.str();
+  record_plan(text.str());
+}
+
+void norm_rope_cuda_host(const NormRopeProblem& np) {
+  NormHostRunner runner;
+  const NormPlan plan = plan_and_run_norm(np, launch_config(), kHostSmCount, runner);
+  TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
+              "rope cuda-host: the plan exceeds CUDA's launch limits");
+  std::ostringstream text;
+  text << "grid=" << plan.grid << ",block_x=" << plan.block_x << ",block_y=" << plan.block_y
+       << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec << ",items=" << plan.items
+       << ",units=" << plan.units;
+  record_plan(text.str());
 }
 
 std::string last_host_plan() {

@@ -382,27 +382,29 @@ void dispatch_table(const RopeProblem& p, const LaunchPlan& plan, Runner& runner
   }
 }
 
-// Plans the launch and hands the matching instantiation to the runner. The x
-// dtype is one the adapter admits (float32, float64, bfloat16, float16).
+// Calls fn(scalar_t{}) with the C++ type of x's dtype, one the adapter admits
+// (float32, float64, bfloat16, float16).
+template <typename Fn>
+void visit_x_dtype(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return fn(float{});
+    case c10::ScalarType::Double:
+      return fn(double{});
+    case c10::ScalarType::BFloat16:
+      return fn(c10::BFloat16{});
+    default:
+      return fn(c10::Half{});
+  }
+}
+
+// Plans the launch and hands the matching instantiation to the runner.
 template <typename Runner>
 LaunchPlan plan_and_run(const RopeProblem& p, const LaunchConfig& cfg, int sm_count,
                         Runner& runner) {
   const LaunchPlan plan =
       plan_launch(p, cfg, sm_count, c10::elementSize(p.x_dtype), c10::elementSize(p.table_dtype));
-  switch (p.x_dtype) {
-    case c10::ScalarType::Float:
-      dispatch_table<float>(p, plan, runner);
-      break;
-    case c10::ScalarType::Double:
-      dispatch_table<double>(p, plan, runner);
-      break;
-    case c10::ScalarType::BFloat16:
-      dispatch_table<c10::BFloat16>(p, plan, runner);
-      break;
-    default:
-      dispatch_table<c10::Half>(p, plan, runner);
-      break;
-  }
+  visit_x_dtype(p.x_dtype, [&](auto x_tag) { dispatch_table<decltype(x_tag)>(p, plan, runner); });
   return plan;
 }
 

@@ -22,6 +22,9 @@ std::string set_launch_config(const std::string& spec);
 // and each output element must be stored exactly once. Violations raise.
 void rope_cuda_host(const RopeProblem& p);
 
+// The same for the fused QK-RMSNorm + RoPE (norm_rope_cuda_kernel.cuh), forward or backward.
+void norm_rope_cuda_host(const NormRopeProblem& p);
+
 // The plan of the last host-executed launch, as "key=value,..." (tests read it).
 std::string last_host_plan();
 

@@ -1,0 +1,306 @@
+// The CPU kernel of the fused QK-RMSNorm + RoPE, forward and backward, compiled once
+// per instruction set with the rotation kernel (rope_cpu_kernel.h), whose vector
+// blocks, table rows and head rotations it reuses.
+//
+// Forward, per token and per tensor (q, then k): every head is read once into a buffer
+// in the math type, its sum of squares taken (per head, or over all heads with
+// across_heads), scaled by rstd * (weight + offset), and rotated from the buffer into
+// the output: one read and one write of q and k.
+//
+// Backward, per token: u = R^T grad (the rotation's inverse), n = x * rstd,
+// dn = u * scale, grad_x = rstd * (dn - n * mean(dn * n)), and u * n summed into the
+// scale's gradient. The tokens are cut into fixed groups (NormRopeProblem::groups),
+// each summed in token order into its own row of partial sums, and the rows are added
+// in group order: the same bits for any thread count.
+#pragma once
+
+#include "rope_cpu_kernel.h"
+
+namespace rope::cpu {
+namespace CPU_CAPABILITY {
+
+// n elements of x at stride sd into buf (the math type, unit stride).
+template <typename scalar_t>
+void load_row(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf, int64_t n) {
+  using T = opmath_t<scalar_t>;
+  if (sd != 1) {
+    for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<T>(x[d * sd]);
+    return;
+  }
+  using In = Block<scalar_t>;
+  using Out = Block<T>;
+  for (int64_t d = 0; d < n; d += In::kSize) {
+    const int64_t m = std::min(In::kSize, n - d);
+    typename In::V lo, hi;
+    In::load(x + d, m, lo, hi);
+    Out::store(buf + d, m, lo, hi);
+  }
+}
+
+// n elements of buf into y at stride sd, rounded as the rotation's stores round.
+template <typename scalar_t>
+void store_row(const opmath_t<scalar_t>* buf, scalar_t* y, int64_t sd, int64_t n) {
+  if (sd != 1) {
+    for (int64_t d = 0; d < n; ++d) y[d * sd] = static_cast<scalar_t>(buf[d]);
+    return;
+  }
+  using In = Block<opmath_t<scalar_t>>;
+  using Out = Block<scalar_t>;
+  for (int64_t d = 0; d < n; d += Out::kSize) {
+    const int64_t m = std::min(Out::kSize, n - d);
+    typename Out::V lo, hi;
+    In::load(buf + d, m, lo, hi);
+    Out::store(y + d, m, lo, hi);
+  }
+}
+
+// Sum of a[i] * b[i], in vector lanes and then lane by lane: a fixed order.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(a + i) * V::loadu(b + i);
+  if (i < n) acc = acc + V::loadu(a + i, n - i) * V::loadu(b + i, n - i);
+  T lanes[V::size()];
+  acc.store(lanes);
+  T sum = T(0);
+  for (int j = 0; j < V::size(); ++j) sum += lanes[j];
+  return sum;
+}
+
+// y[i] = a[i] * s * w[i]
+template <typename T>
+void scale_row(T* y, const T* a, T s, const T* w, int64_t n) {
+  using V = Vectorized<T>;
+  const V vs(s);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) (V::loadu(a + i) * vs * V::loadu(w + i)).store(y + i);
+  for (; i < n; ++i) y[i] = a[i] * s * w[i];
+}
+
+// The rows of one tensor of one token into buf ([heads][head_dim], the math type).
+template <typename scalar_t>
+void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int64_t heads,
+                int64_t head_dim, opmath_t<scalar_t>* buf) {
+  for (int64_t h = 0; h < heads; ++h) {
+    load_row(x + h * stride_head, stride_dim, buf + h * head_dim, head_dim);
+  }
+}
+
+// One head from buf (the math type) rotated into y; x[r:] stored unrotated.
+template <typename scalar_t>
+void rotate_from_buffer(const RopeProblem& p, const opmath_t<scalar_t>* buf, scalar_t* y,
+                        int64_t stride_dim, int64_t head_dim, const opmath_t<scalar_t>* c,
+                        const opmath_t<scalar_t>* s) {
+  if (stride_dim == 1 && p.interleaved) {
+    rotate_head_interleaved<false>(buf, y, c, s, p.pairs);
+  } else if (stride_dim == 1) {
+    rotate_head_half_split<false>(buf, y, c, s, p.pairs);
+  } else {
+    rotate_head_strided(buf, 1, y, stride_dim, c, s, p.pairs, p.interleaved);
+  }
+  store_row(buf + 2 * p.pairs, y + 2 * p.pairs * stride_dim, stride_dim, head_dim - 2 * p.pairs);
+}
+
+// One head of y rotated (by the table row c, s) into buf, the math type; y[r:] copied.
+template <typename scalar_t>
+void rotate_into_buffer(const RopeProblem& p, const scalar_t* y, int64_t stride_dim,
+                        int64_t head_dim, const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
+                        opmath_t<scalar_t>* buf) {
+  if (stride_dim == 1 && p.interleaved) {
+    rotate_head_interleaved<false>(y, buf, c, s, p.pairs);
+  } else if (stride_dim == 1) {
+    rotate_head_half_split<false>(y, buf, c, s, p.pairs);
+  } else {
+    rotate_head_strided(y, stride_dim, buf, 1, c, s, p.pairs, p.interleaved);
+  }
+  load_row(y + 2 * p.pairs * stride_dim, stride_dim, buf + 2 * p.pairs, head_dim - 2 * p.pairs);
+}
+
+// Elements of the largest tensor row (heads * head_dim) of q and k.
+inline int64_t largest_row(const RopeProblem& p) {
+  int64_t most = 0;
+  for (int i = 0; i < p.num_x; ++i) most = std::max(most, p.x[i].heads * p.x[i].head_dim);
+  return most;
+}
+
+template <typename scalar_t, typename table_t>
+void norm_rope_forward(const NormRopeProblem& np) {
+  using T = opmath_t<scalar_t>;
+  const RopeProblem& p = np.rope;
+  const int64_t tokens = p.batch * p.seq;
+  const int64_t row = largest_row(p);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (2 * row + 1));
+  const int64_t padded =
+      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
+    c10::SmallVector<T, 1024> xbuf(row);
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const int64_t b = tok / p.seq, s = tok % p.seq;
+      const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf.data(), s_buf.data());
+      for (int i = 0; i < p.num_x; ++i) {
+        const HeadsDesc& h = p.x[i];
+        const NormDesc& nd = np.norm[i];
+        const T* scale = static_cast<const T*>(nd.scale);
+        const int64_t D = h.head_dim;
+        load_heads(static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq,
+                   h.in_stride_head, h.in_stride_dim, h.heads, D, xbuf.data());
+        scalar_t* out =
+            static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+        T* rstd_out = static_cast<T*>(nd.rstd);
+        if (np.across_heads) {
+          const T r = inverse_rms(dot(xbuf.data(), xbuf.data(), h.heads * D), h.heads * D, np.eps);
+          if (rstd_out != nullptr) rstd_out[tok] = r;
+          scale_row(xbuf.data(), xbuf.data(), r, scale, h.heads * D);
+        }
+        for (int64_t head = 0; head < h.heads; ++head) {
+          T* hb = xbuf.data() + head * D;
+          if (!np.across_heads) {
+            const T r = inverse_rms(dot(hb, hb, D), D, np.eps);
+            if (rstd_out != nullptr) rstd_out[tok * h.heads + head] = r;
+            scale_row(hb, hb, r, scale, D);
+          }
+          rotate_from_buffer(p, hb, out + head * h.out_stride_head, h.out_stride_dim, D, c, sn);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename table_t>
+void norm_rope_backward(const NormRopeProblem& np) {
+  using T = opmath_t<scalar_t>;
+  const RopeProblem& p = np.rope;  // inverse is set: table_row negates sin
+  const int64_t tokens = p.batch * p.seq;
+  const int64_t row = largest_row(p);
+  const int64_t padded =
+      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  at::parallel_for(0, np.groups, 1, [&](int64_t group_begin, int64_t group_end) {
+    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
+    c10::SmallVector<T, 1024> ubuf(row), xbuf(row);
+    for (int64_t g = group_begin; g < group_end; ++g) {
+      int64_t scale_size[2];
+      T* partial[2];
+      for (int i = 0; i < p.num_x; ++i) {
+        scale_size[i] = np.across_heads ? p.x[i].heads * p.x[i].head_dim : p.x[i].head_dim;
+        partial[i] = static_cast<T*>(np.norm[i].scale_grad_partial) + g * scale_size[i];
+        std::fill(partial[i], partial[i] + scale_size[i], T(0));
+      }
+      const int64_t tok_end = std::min(tokens, (g + 1) * np.tokens_per_group);
+      for (int64_t tok = g * np.tokens_per_group; tok < tok_end; ++tok) {
+        const int64_t b = tok / p.seq, s = tok % p.seq;
+        const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf.data(), s_buf.data());
+        for (int i = 0; i < p.num_x; ++i) {
+          const HeadsDesc& h = p.x[i];  // in: the output's gradient, out: x's gradient
+          const NormDesc& nd = np.norm[i];
+          const T* scale = static_cast<const T*>(nd.scale);
+          const T* rstd = static_cast<const T*>(nd.rstd);
+          const int64_t D = h.head_dim;
+          const scalar_t* grad =
+              static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
+          for (int64_t head = 0; head < h.heads; ++head) {  // u = R^T grad
+            rotate_into_buffer(p, grad + head * h.in_stride_head, h.in_stride_dim, D, c, sn,
+                               ubuf.data() + head * D);
+          }
+          load_heads(
+              static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch + s * nd.x_stride_seq,
+              nd.x_stride_head, nd.x_stride_dim, h.heads, D, xbuf.data());
+          // n = x * rstd (in xbuf), then the scale's gradient += u * n, then dn = u * scale.
+          for (int64_t head = 0; head < h.heads; ++head) {
+            const T r = np.across_heads ? rstd[tok] : rstd[tok * h.heads + head];
+            T* xh = xbuf.data() + head * D;
+            for (int64_t d = 0; d < D; ++d) xh[d] *= r;
+          }
+          using V = Vectorized<T>;
+          for (int64_t head = 0; head < h.heads; ++head) {
+            T* acc = partial[i] + (np.across_heads ? head * D : 0);
+            const T* uh = ubuf.data() + head * D;
+            const T* xh = xbuf.data() + head * D;
+            int64_t d = 0;
+            for (; d + V::size() <= D; d += V::size()) {
+              (V::loadu(acc + d) + V::loadu(uh + d) * V::loadu(xh + d)).store(acc + d);
+            }
+            for (; d < D; ++d) acc[d] += uh[d] * xh[d];
+          }
+          for (int64_t head = 0; head < h.heads; ++head) {
+            T* uh = ubuf.data() + head * D;
+            scale_row(uh, uh, T(1), scale + (np.across_heads ? head * D : 0), D);
+          }
+          scalar_t* out =
+              static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+          const auto finish = [&](int64_t head0, int64_t heads, T r) {
+            // grad_x = rstd * (dn - n * mean(dn * n)) over the normalized group
+            const int64_t m = heads * D;
+            T* dn = ubuf.data() + head0 * D;
+            const T* nn = xbuf.data() + head0 * D;
+            const T mean = dot(dn, nn, m) / static_cast<T>(m);
+            for (int64_t e = 0; e < m; ++e) dn[e] = r * (dn[e] - nn[e] * mean);
+            for (int64_t head = head0; head < head0 + heads; ++head) {
+              store_row(ubuf.data() + head * D, out + head * h.out_stride_head, h.out_stride_dim,
+                        D);
+            }
+          };
+          if (np.across_heads) {
+            finish(0, h.heads, rstd[tok]);
+          } else {
+            for (int64_t head = 0; head < h.heads; ++head) {
+              finish(head, 1, rstd[tok * h.heads + head]);
+            }
+          }
+        }
+      }
+    }
+  });
+  // The groups' partial sums, added in group order.
+  for (int i = 0; i < p.num_x; ++i) {
+    const int64_t size = np.across_heads ? p.x[i].heads * p.x[i].head_dim : p.x[i].head_dim;
+    const T* partial = static_cast<const T*>(np.norm[i].scale_grad_partial);
+    T* out = static_cast<T*>(np.norm[i].scale_grad);
+    at::parallel_for(0, size, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        T sum = T(0);
+        for (int64_t g = 0; g < np.groups; ++g) sum += partial[g * size + j];
+        out[j] = sum;
+      }
+    });
+  }
+}
+
+template <typename scalar_t, typename table_t>
+void norm_rope_typed(const NormRopeProblem& np) {
+  if (np.backward) return norm_rope_backward<scalar_t, table_t>(np);
+  norm_rope_forward<scalar_t, table_t>(np);
+}
+
+template <typename scalar_t>
+void norm_rope_for_x(const NormRopeProblem& np) {
+  switch (np.rope.table_dtype) {
+    case c10::ScalarType::Float:
+      return norm_rope_typed<scalar_t, float>(np);
+    case c10::ScalarType::Double:
+      return norm_rope_typed<scalar_t, double>(np);
+    default:
+      if constexpr (kReduced<scalar_t>) return norm_rope_typed<scalar_t, scalar_t>(np);
+      TORCH_CHECK(false, "rope: unsupported table dtype ", np.rope.table_dtype);
+  }
+}
+
+void norm_rope_cpu_kernel(const NormRopeProblem& np) {
+  switch (np.rope.x_dtype) {
+    case c10::ScalarType::Float:
+      return norm_rope_for_x<float>(np);
+    case c10::ScalarType::Double:
+      return norm_rope_for_x<double>(np);
+    case c10::ScalarType::BFloat16:
+      return norm_rope_for_x<c10::BFloat16>(np);
+    case c10::ScalarType::Half:
+      return norm_rope_for_x<c10::Half>(np);
+    default:
+      TORCH_CHECK(false, "rope: unsupported x dtype ", np.rope.x_dtype);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace rope::cpu

@@ -1,0 +1,865 @@
+"""The fused QK-RMSNorm + RoPE: rope_ext.rms_norm_rope_qk and the ops underneath,
+torch.ops.rope.rms_norm_rope_qk, rms_norm_rope_qk_ (in place) and rms_norm_rope_qk_backward.
+
+    q_out = rope(rms_norm(q) * (q_weight + weight_offset)), the same for k,
+    rms_norm(x) = x / sqrt(mean(x**2) + eps)
+
+the mean over head_dim (across_heads=False, weights [head_dim]) or over heads * head_dim of
+each token (across_heads=True, OLMo 2; weights [heads * head_dim]), then the rotation exactly
+as apply_rope_qk does it (docs/api.md section 11).
+
+Checked against an independent float64 RMSNorm written here and the float64 RoPE of
+tests/reference.py, applied to the same (rounded) inputs: the kernel computes in float32
+(float64 for float64 x) and rounds once at the store.
+
+Every test runs for each device under test (`device` fixture): "cpu" (the CPU kernel as
+configured), "cuda-host" (the CUDA kernel's host executor, through
+torch.ops.rope_testing.set_cpu_kernel, as tests/test_cuda.py does) and "cuda" when a GPU is
+present. ROPE_TEST_DEVICE narrows the run to one of them.
+"""
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+import reference as ref
+import rope_ext
+from conftest import build_qkv, build_table
+
+rms_norm_rope_qk = rope_ext.rms_norm_rope_qk
+ops = torch.ops.rope
+
+# --- devices ---
+
+_ALL_DEVICES = ["cpu", "cuda-host"] + (["cuda"] if torch.cuda.is_available() else [])
+_ONLY = os.environ.get("ROPE_TEST_DEVICE")
+DEVICES = [_ONLY] if _ONLY else _ALL_DEVICES
+assert set(DEVICES) <= {"cpu", "cuda-host", "cuda"}, f"ROPE_TEST_DEVICE={_ONLY}"
+if "cuda" in DEVICES and not torch.cuda.is_available():
+    raise RuntimeError("ROPE_TEST_DEVICE=cuda but torch sees no GPU")
+
+
+@contextlib.contextmanager
+def _cpu_kernel(name):
+    previous = torch.ops.rope_testing.set_cpu_kernel(name)
+    try:
+        yield
+    finally:
+        torch.ops.rope_testing.set_cpu_kernel(previous)
+
+
+@pytest.fixture(autouse=True, params=DEVICES)
+def device(request):
+    """The device under test: "cpu", "cuda-host" or "cuda" (every test runs on each)."""
+    if request.param == "cuda-host":
+        with _cpu_kernel("cuda-host"):
+            yield request.param
+    else:
+        yield request.param
+
+
+def tdev(device):
+    """Where the tensors live for a device under test."""
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def on(device, base, *views):
+    """base copied to the device, and each view re-made on the copy (same strides, offset)."""
+    moved = base.to(tdev(device), copy=True)
+    return (moved,) + tuple(moved.as_strided(v.size(), v.stride(), v.storage_offset())
+                            for v in views)
+
+
+def to(device, t):
+    return None if t is None else t.to(tdev(device))
+
+
+# --- the float64 reference ---
+
+
+def ref_norm(xv, w, eps, across_heads, weight_offset):
+    """rms_norm(x) * (w + weight_offset) in float64; xv as the op sees it: [b, s, h, d] or
+    [t, h, d]."""
+    x = xv.detach().double()
+    wv = w.detach().double() + weight_offset
+    if across_heads:
+        flat = x.reshape(*x.shape[:-2], -1)
+        y = flat / torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps) * wv
+        return y.view(x.shape)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wv
+
+
+def ref_rstd(xv, eps, across_heads):
+    x = xv.detach().double()
+    if across_heads:
+        x = x.reshape(*x.shape[:-2], -1)
+        return 1 / torch.sqrt(x.pow(2).mean(-1) + eps).unsqueeze(-1)  # [.., 1]
+    return 1 / torch.sqrt(x.pow(2).mean(-1) + eps)  # [.., heads]
+
+
+def ref_norm_rope(xv, w, cos, sin, pos, eps, across_heads, weight_offset, interleaved):
+    """(the normalized, weighted input, the expected output), both float64 in the op's view."""
+    y = ref_norm(xv, w, eps, across_heads, weight_offset)
+    return y, ref.rope(y, cos.double().cpu(), sin.double().cpu(),
+                       None if pos is None else pos.cpu(), interleaved)
+
+
+def aten_norm_rope(xv, w, cos, sin, pos, eps, across_heads, weight_offset, interleaved):
+    """The same as a differentiable ATen composition (float64), for gradients."""
+    x = xv.double()
+    wv = w.double() + weight_offset
+    if across_heads:
+        flat = x.reshape(*x.shape[:-2], -1)
+        y = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps) * wv).view(x.shape)
+    else:
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wv
+    c, s = ref.token_rows(y, cos.double(), sin.double(), pos)
+    r = 2 * cos.shape[-1]
+    ia, ib = ref.pair_slots(r, interleaved)
+    ia, ib = ia.to(x.device), ib.to(x.device)
+    a, b = y[..., ia], y[..., ib]
+    out = y.clone()
+    out[..., ia] = a * c - b * s
+    out[..., ib] = a * s + b * c
+    return out
+
+
+# --- tolerances ---
+
+U32 = 2.0 ** -24
+
+
+def tolerance(dtype, reduced):
+    """Allowed error of the math before the store, in units of an element's pair norm (rotated
+    part) or of its own magnitude (the tail). float32 math: the mean of `reduced` squares (at
+    most reduced - 1 roundings of a sum of positive terms, halved by the square root), the
+    root, the products by x, rstd and the weight, the weight offset and the rotation
+    (ref.PAIR_TOL, which includes float32's own store). float64 is held to 1e-12.
+    bf16/fp16 add half an ulp of the output dtype on top (assert_norm_rope_close): one
+    rounding at the store, so a second rounding (of the normalized value, say) shows."""
+    if dtype == torch.float64:
+        return 1e-12
+    return (reduced / 2 + 12) * U32 + ref.PAIR_TOL[torch.float32]
+
+
+def half_ulp(want, dtype):
+    """Half the spacing of `dtype` at want (float64), the larger of the two binades when the
+    rounded value sits on a power of two; 0 for float32 / float64 (in `tolerance`)."""
+    if dtype in (torch.float32, torch.float64):
+        return torch.zeros_like(want)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    w = want.abs().to(dtype)
+    up = torch.nextafter(w, inf)
+    spacing = torch.maximum(up.double() - w.double(),
+                            torch.nextafter(up, inf).double() - up.double())
+    return 0.5 * spacing
+
+
+def assert_norm_rope_close(out, want, y, rotary_dim, interleaved, tol, what=""):
+    """out (its dtype) against the float64 want: each element within tol * rho + half an ulp of
+    out's dtype at want, where rho is, for a rotated element, the larger of its pair's norm in
+    y (before the rotation) and in want, and for a tail element |want|. NaN never passes."""
+    assert out.shape == want.shape, (what, out.shape, want.shape)
+    o = out.detach().double().cpu()
+    ia, ib = ref.pair_slots(rotary_dim, interleaved)
+    rho_pair = torch.maximum(ref.pair_norms(y, rotary_dim, interleaved),
+                             ref.pair_norms(want, rotary_dim, interleaved))
+    rho = want.abs().clone()
+    rho[..., ia] = rho_pair
+    rho[..., ib] = rho_pair
+    err = (o - want).abs()
+    bound = tol * rho + half_ulp(want, out.dtype) + ref.ABS_FLOOR
+    bad = ~(err <= bound)
+    if bad.any():
+        idx = tuple(t[0].item() for t in bad.nonzero(as_tuple=True))
+        part = "tail" if idx[-1] >= rotary_dim else "rotated"
+        worst = ((err - half_ulp(want, out.dtype)).clamp_min(0) / (rho + ref.ABS_FLOOR))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at {idx} ({part}): "
+            f"got {o[idx].item()!r}, expected {want[idx].item()!r}, error {err[idx].item():.3g}, "
+            f"allowed {bound[idx].item():.3g}; worst (error - half ulp) / rho = "
+            f"{worst.nan_to_num(math.inf).max().item():.3g}, allowed {tol:.3g} ({out.dtype})")
+
+
+# --- inputs ---
+
+B, S, HQ, HK, D = 2, 3, 4, 2, 16
+T = 5  # thd tokens
+PAIRINGS = pytest.mark.parametrize("interleaved", [False, True], ids=["halfsplit", "interleaved"])
+ACROSS = pytest.mark.parametrize("across_heads", [False, True], ids=["per_head", "across_heads"])
+OFFSETS = pytest.mark.parametrize("weight_offset", [0.0, 1.0], ids=["offset0", "offset1"])
+X_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def dname(d):
+    return str(d).split(".")[-1]
+
+
+def rotary_dim(rotary, head_dim=D):
+    return head_dim if rotary == "full" else head_dim // 2  # partial: a tail of head_dim / 2
+
+
+def make_qk(layout, storage, dtype, head_dim=D, hq=HQ, hk=HK, batch=B, seq=S, tokens=T):
+    """(base, q, k, qv, kv): q and k in the caller's layout, qv / kv their op views.
+
+    storage "contiguous": q and k tensors of their own; "fused": slices of one qkv projection
+    [*lead, (hq + 2 hk) * d] viewed per head (for bhsd: that [b, s, h, d] view transposed to
+    [b, h, s, d], a non-contiguous bhsd view)."""
+    lead = (tokens,) if layout == "thd" else (batch, seq)
+    if storage == "fused":
+        base, qv, kv, _ = build_qkv(lead, hq, hk, head_dim, dtype)
+    else:
+        base = torch.randn(lead + ((hq + hk) * head_dim,), dtype=torch.float64).to(dtype)
+        qv = base[..., :hq * head_dim].unflatten(-1, (hq, head_dim))
+        kv = base[..., hq * head_dim:].unflatten(-1, (hk, head_dim))
+        if layout == "bhsd":  # contiguous [b, h, s, d] tensors
+            qc = qv.transpose(1, 2).contiguous()
+            kc = kv.transpose(1, 2).contiguous()
+            base = torch.cat([qc.reshape(-1), kc.reshape(-1)])
+            q = base[:qc.numel()].view(qc.shape)
+            k = base[qc.numel():].view(kc.shape)
+            return base, q, k, q.transpose(1, 2), k.transpose(1, 2)
+        qv, kv = qv.clone(), kv.clone()
+        return None, qv, kv, qv, kv
+    if layout == "bhsd":
+        return base, qv.transpose(1, 2), kv.transpose(1, 2), qv, kv
+    return base, qv, kv, qv, kv
+
+
+def make_weights(across_heads, weight_offset, dtype, head_dim=D, hq=HQ, hk=HK):
+    """Weights near 1 for offset 0 (Qwen3), near 0 for offset 1 (Gemma's 1 + w)."""
+    def w(heads):
+        n = heads * head_dim if across_heads else head_dim
+        v = 0.5 * torch.randn(n, dtype=torch.float64)
+        return (v if weight_offset else 1.0 + v).to(dtype)
+
+    return w(hq), w(hk)
+
+
+def qk_on(device, base, q, k):
+    """q and k on the device, sharing one buffer when they did here."""
+    if base is None:
+        return q.to(tdev(device), copy=True), k.to(tdev(device), copy=True)
+    return on(device, base, q, k)[1:]
+
+
+def op_view(t, layout):
+    return t.transpose(1, 2) if layout == "bhsd" else t
+
+
+def check_against_reference(device, layout, form, storage, rotary, interleaved, across_heads,
+                            weight_offset, dtype, w_dtype, head_dim=D, eps=None, scale=1.0):
+    r = rotary_dim(rotary, head_dim)
+    base, q, k, qv, kv = make_qk(layout, storage, dtype, head_dim)
+    if scale != 1.0:  # new q and k tensors of their own
+        base, q, k = None, (q.double() * scale).to(dtype), (k.double() * scale).to(dtype)
+        qv, kv = op_view(q, layout), op_view(k, layout)
+    batch = None if layout == "thd" else B
+    seq = T if layout == "thd" else S
+    cos, sin, pos = build_table(form, batch, seq, r // 2)
+    qw, kw = make_weights(across_heads, weight_offset, w_dtype, head_dim)
+    qd, kd = qk_on(device, base, q, k)
+    kwargs = dict(q_weight=to(device, qw), k_weight=to(device, kw), across_heads=across_heads,
+                  weight_offset=weight_offset, interleaved=interleaved, layout=layout)
+    if eps is not None:
+        kwargs["eps"] = eps
+    qo, ko = rms_norm_rope_qk(qd, kd, to(device, cos), to(device, sin), to(device, pos), **kwargs)
+    eps = 1e-6 if eps is None else eps
+    for name, x, xv, w, out, heads in (("q", q, qv, qw, qo, HQ), ("k", k, kv, kw, ko, HK)):
+        assert out.shape == x.shape and out.dtype == dtype, (name, out.shape, out.dtype)
+        assert out.device.type == tdev(device)
+        y, want = ref_norm_rope(xv, w, cos, sin, pos, eps, across_heads, weight_offset,
+                                interleaved)
+        reduced = heads * head_dim if across_heads else head_dim
+        assert_norm_rope_close(op_view(out, layout), want, y, r, interleaved,
+                               tolerance(dtype, reduced), name)
+    # the inputs are left alone
+    assert torch.equal(qd.cpu(), q) and torch.equal(kd.cpu(), k)
+
+
+# --- against the float64 reference ---
+
+LAYOUT_FORMS = [("bshd", "pos_bs"), ("bshd", "pos_s"), ("bshd", "rows"), ("bshd", "tok_bs"),
+                ("bshd", "tok_s"), ("bhsd", "pos_bs"), ("bhsd", "tok_bs"), ("thd", "pos_s")]
+
+
+@OFFSETS
+@ACROSS
+@PAIRINGS
+@pytest.mark.parametrize("rotary", ["full", "partial"])
+@pytest.mark.parametrize("storage", ["contiguous", "fused"])
+@pytest.mark.parametrize("layout,form", LAYOUT_FORMS, ids=[f"{a}-{b}" for a, b in LAYOUT_FORMS])
+def test_layouts_tables_pairings(device, layout, form, storage, rotary, interleaved,
+                                 across_heads, weight_offset):
+    check_against_reference(device, layout, form, storage, rotary, interleaved, across_heads,
+                            weight_offset, torch.float32, torch.float32)
+
+
+# Weights in float32 or in x's dtype (the two allowed); float32 x has only the first.
+DTYPE_CASES = [(x, w) for x in X_DTYPES for w in dict.fromkeys([torch.float32, x])]
+
+
+@OFFSETS
+@ACROSS
+@pytest.mark.parametrize("layout,form,storage,interleaved", [
+    ("bshd", "pos_bs", "fused", False), ("bhsd", "tok_bs", "fused", True),
+    ("thd", "pos_s", "contiguous", True)], ids=["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPE_CASES,
+                         ids=[f"x_{dname(x)}-w_{dname(w)}" for x, w in DTYPE_CASES])
+def test_dtypes(device, x_dtype, w_dtype, layout, form, storage, interleaved, across_heads,
+                weight_offset):
+    check_against_reference(device, layout, form, storage, "partial", interleaved, across_heads,
+                            weight_offset, x_dtype, w_dtype)
+
+
+@ACROSS
+@PAIRINGS
+@pytest.mark.parametrize("head_dim,rotary", [(64, "full"), (64, "partial"), (128, "partial"),
+                                             (12, "full"), (12, "partial"), (6, "partial")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dname)
+def test_head_dims(device, dtype, head_dim, rotary, interleaved, across_heads):
+    # 64 / 128: whole vectors of every dtype; 12, 6: the scalar tails (r/2 odd for 6 and 12).
+    check_against_reference(device, "bshd", "pos_bs", "fused", rotary, interleaved,
+                            across_heads, 0.0, dtype, torch.float32, head_dim=head_dim)
+
+
+@ACROSS
+@pytest.mark.parametrize("eps", [1e-2, 0.5])
+def test_eps_enters_the_norm(device, eps, across_heads):
+    # x scaled so that mean(x**2) is near eps: a kernel that ignored eps would be far off.
+    check_against_reference(device, "bshd", "pos_bs", "contiguous", "partial", False,
+                            across_heads, 0.0, torch.float32, torch.float32, eps=eps,
+                            scale=math.sqrt(eps))
+
+
+@ACROSS
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=dname)
+def test_zero_rows_give_zero_not_nan(device, dtype, across_heads):
+    _, q, k, _, _ = make_qk("bshd", "contiguous", dtype)
+    if across_heads:
+        q[0, 1] = 0  # a whole token of q
+        k[1, 2] = 0
+    else:
+        q[0, 1, 2] = 0  # one head
+        k[1, 2, 0] = 0
+    cos, sin, pos = build_table("pos_bs", B, S, D // 4)
+    qw, kw = make_weights(across_heads, 0.0, torch.float32)
+    qd, kd = to(device, q).requires_grad_(), to(device, k)
+    qo, ko = rms_norm_rope_qk(qd, kd, to(device, cos), to(device, sin), to(device, pos),
+                              q_weight=to(device, qw), k_weight=to(device, kw),
+                              across_heads=across_heads)
+    assert torch.isfinite(qo).all() and torch.isfinite(ko).all()
+    zq, zk = (qo[0, 1], ko[1, 2]) if across_heads else (qo[0, 1, 2], ko[1, 2, 0])
+    assert torch.equal(zq, torch.zeros_like(zq)) and torch.equal(zk, torch.zeros_like(zk))
+    # The gradient at a zero row is finite too: rstd = 1/sqrt(eps), the d(rstd) term is 0.
+    g = torch.randn(qo.shape, dtype=torch.float64).to(dtype)
+    (grad,) = torch.autograd.grad(qo, qd, to(device, g))
+    assert torch.isfinite(grad).all()
+    x64 = q.detach().double().requires_grad_()
+    want = aten_norm_rope(x64, qw, cos, sin, pos, 1e-6, across_heads, 0.0, False)
+    (want,) = torch.autograd.grad(want, x64, g.double())
+    zg, zw = (grad[0, 1], want[0, 1]) if across_heads else (grad[0, 1, 2], want[0, 1, 2])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2.0 ** -7)
+    torch.testing.assert_close(zg.double().cpu(), zw, rtol=0, atol=tol * zw.abs().max().item())
+
+
+# --- properties ---
+
+
+@ACROSS
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dname)
+def test_unit_weight_keeps_rms_one(device, dtype, layout, across_heads):
+    """Weight 1, offset 0: every rotated head has RMS sqrt(ms / (ms + eps)), 1 up to eps
+    (the rotation keeps each head's norm); across heads, every token's RMS."""
+    _, q, k, qv, kv = make_qk(layout, "fused", dtype)
+    batch, seq = (None, T) if layout == "thd" else (B, S)
+    # partial, r = head_dim / 2; a float64 table for float64 (a float32 row is not unit length)
+    cos, sin, pos = build_table("pos_s", batch, seq, D // 4, dtype)
+    qw = torch.ones(HQ * D if across_heads else D, dtype=dtype)
+    kw = torch.ones(HK * D if across_heads else D, dtype=dtype)
+    outs = rms_norm_rope_qk(to(device, q), to(device, k), to(device, cos), to(device, sin),
+                            to(device, pos), q_weight=to(device, qw), k_weight=to(device, kw),
+                            across_heads=across_heads, layout=layout)
+    tol = 1e-12 if dtype == torch.float64 else 4e-6
+    for xv, out in ((qv, outs[0]), (kv, outs[1])):
+        o = op_view(out, layout).double().cpu()
+        x = xv.double()
+        if across_heads:
+            o, x = o.flatten(-2), x.flatten(-2)
+        ms = x.pow(2).mean(-1)
+        want = torch.sqrt(ms / (ms + 1e-6))
+        got = o.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(got, want, rtol=tol, atol=0)
+        assert (got - 1).abs().max() < 1e-4  # randn inputs: ms >> eps
+
+
+@ACROSS
+@OFFSETS
+@PAIRINGS
+@pytest.mark.parametrize("layout,form", [("bshd", "pos_bs"), ("bhsd", "rows"), ("thd", "pos_s")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dname)
+def test_equals_apply_rope_qk_of_the_normalized_input(device, dtype, layout, form, interleaved,
+                                                      weight_offset, across_heads):
+    _, q, k, qv, kv = make_qk(layout, "fused", dtype)
+    batch, seq = (None, T) if layout == "thd" else (B, S)
+    r = rotary_dim("partial")
+    cos, sin, pos = build_table(form, batch, seq, r // 2)
+    qw, kw = make_weights(across_heads, weight_offset, dtype)
+    args = [to(device, t) for t in (cos, sin, pos)]
+    got = rms_norm_rope_qk(to(device, q), to(device, k), *args, q_weight=to(device, qw),
+                           k_weight=to(device, kw), across_heads=across_heads,
+                           weight_offset=weight_offset, interleaved=interleaved, layout=layout)
+    yq = op_view(ref_norm(qv, qw, 1e-6, across_heads, weight_offset), layout)
+    yk = op_view(ref_norm(kv, kw, 1e-6, across_heads, weight_offset), layout)
+    want = rope_ext.apply_rope_qk(to(device, yq.to(dtype)), to(device, yk.to(dtype)), *args,
+                                  interleaved=interleaved, layout=layout)
+    # float64: the same rotation of the same values; float32: apart by the normalization's
+    # rounding (y is rounded to float32 before apply_rope_qk, the kernel keeps it in registers).
+    for heads, g, w in ((HQ, got[0], want[0]), (HK, got[1], want[1])):
+        reduced = heads * D if across_heads else D
+        tol = 1e-12 if dtype == torch.float64 else tolerance(dtype, reduced) + 2 * U32
+        scale = w.abs().amax(-1, keepdim=True).double().cpu()
+        err = (g.double().cpu() - w.double().cpu()).abs()
+        assert bool((err <= tol * scale).all()), f"max error / scale {(err / scale).max():.3g}"
+
+
+# --- gradients ---
+
+
+def _grad_inputs(device, dtype, across_heads, weight_offset, layout="bshd", hq=2, hk=1,
+                 head_dim=6, batch=1, seq=3):
+    """Small leaves for gradcheck: q, k (layout), weights, table (r = 4 of head_dim 6)."""
+    _, q, k, _, _ = make_qk(layout, "fused", dtype, head_dim, hq, hk, batch, seq, tokens=seq)
+    qw, kw = make_weights(across_heads, weight_offset, dtype, head_dim, hq, hk)
+    form = "pos_s" if layout == "thd" else "pos_bs"
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    cos, sin, pos = build_table(form, None if layout == "thd" else batch, seq, 2, table_dtype)
+    leaves = [to(device, t).detach().requires_grad_() for t in (q, k, qw, kw)]
+    return leaves, [to(device, t) for t in (cos, sin, pos)]
+
+
+@ACROSS
+@PAIRINGS
+@pytest.mark.parametrize("layout,weight_offset", [("bshd", 0.0), ("bhsd", 1.0), ("thd", 1.0)])
+def test_gradcheck_and_gradgradcheck(device, layout, interleaved, across_heads, weight_offset):
+    leaves, (cos, sin, pos) = _grad_inputs(device, torch.float64, across_heads, weight_offset,
+                                           layout)
+
+    def fn(q, k, qw, kw):
+        return rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw, eps=1e-3,
+                                across_heads=across_heads, weight_offset=weight_offset,
+                                interleaved=interleaved, layout=layout)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@ACROSS
+@PAIRINGS
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dname)
+def test_gradients_match_aten_composition(device, dtype, layout, interleaved, across_heads):
+    weight_offset = 1.0 if interleaved else 0.0
+    leaves, (cos, sin, pos) = _grad_inputs(device, dtype, across_heads, weight_offset, layout,
+                                           hq=4, hk=2, head_dim=16, batch=2, seq=5)
+    q, k, qw, kw = leaves
+    gq = torch.randn(q.shape, dtype=torch.float64).to(dtype).to(q.device)
+    gk = torch.randn(k.shape, dtype=torch.float64).to(dtype).to(q.device)
+    qo, ko = rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw,
+                              across_heads=across_heads, weight_offset=weight_offset,
+                              interleaved=interleaved, layout=layout)
+    torch.autograd.backward([qo, ko], [gq, gk])
+    got = [t.grad for t in leaves]
+
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    rq, rk, rqw, rkw = ref_leaves
+    c64, s64 = cos.double().cpu(), sin.double().cpu()
+    p = pos.cpu()
+    outs = [op_view(aten_norm_rope(op_view(x, layout), w, c64, s64, p, 1e-6, across_heads,
+                                   weight_offset, interleaved), layout)
+            for x, w in ((rq, rqw), (rk, rkw))]
+    torch.autograd.backward(outs, [gq.double().cpu(), gk.double().cpu()])
+    # Relative to the largest gradient element: float32 math with sums over tokens, then one
+    # rounding to the leaf's dtype.
+    tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}[dtype]
+    for name, g, want in zip(("q", "k", "q_weight", "k_weight"), got, ref_leaves):
+        assert g.dtype == dtype and g.shape == want.shape, (name, g.dtype, g.shape)
+        want = want.grad
+        scale = want.abs().max().item()
+        err = (g.double().cpu() - want).abs().max().item()
+        assert err <= tol * scale, f"{name}: max error {err:.3g}, scale {scale:.3g}, tol {tol}"
+
+
+@ACROSS
+def test_weight_grads_deterministic(device, across_heads):
+    """Weight gradients (a sum over every token) are bitwise reproducible: run to run, and on
+    the CPU whatever the thread count."""
+    _, q, k, _, _ = make_qk("bshd", "fused", torch.float32, 32, 4, 2, batch=4, seq=64)
+    cos, sin, pos = build_table("pos_bs", 4, 64, 8)
+    qw, kw = make_weights(across_heads, 0.0, torch.float32, 32, 4, 2)
+    gq, gk = torch.randn(q.shape), torch.randn(k.shape)
+
+    def weight_grads():
+        qw_ = to(device, qw).requires_grad_()
+        kw_ = to(device, kw).requires_grad_()
+        qo, ko = rms_norm_rope_qk(to(device, q), to(device, k), to(device, cos), to(device, sin),
+                                  to(device, pos), q_weight=qw_, k_weight=kw_,
+                                  across_heads=across_heads)
+        torch.autograd.backward([qo, ko], [to(device, gq), to(device, gk)])
+        return qw_.grad.cpu(), kw_.grad.cpu()
+
+    first = weight_grads()
+    for again in (weight_grads(), weight_grads()):
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    if tdev(device) == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            results = {}
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results[n] = weight_grads()
+        finally:
+            torch.set_num_threads(threads)
+        for n in (2, 3):
+            assert torch.equal(results[1][0], results[n][0]), f"q_weight grad, 1 vs {n} threads"
+            assert torch.equal(results[1][1], results[n][1]), f"k_weight grad, 1 vs {n} threads"
+
+
+# --- the ops underneath: rstd, backward op, opcheck ---
+
+
+def _op_samples(device, dtype, requires_grad):
+    """(q, k, cos, sin, positions, q_weight, k_weight, eps, across_heads, weight_offset,
+    interleaved) as the op takes them ([b, s, h, d] / [t, h, d] views)."""
+    def leaf(t):
+        return to(device, t).detach().requires_grad_(requires_grad)
+
+    samples = []
+    # bshd slices of a fused qkv, [b, s] int32 positions, float32 weights, per head.
+    base, q, k, _ = build_qkv((2, 3), 4, 2, 8, dtype)
+    _, qd, kd = on(device, base, q, k)
+    qd, kd = qd.detach().requires_grad_(requires_grad), kd.detach().requires_grad_(requires_grad)
+    cos, sin, pos = build_table("pos_bs", 2, 3, 4, torch.float32, torch.int32)
+    qw, kw = make_weights(False, 0.0, torch.float32, 8, 4, 2)
+    samples.append((qd, kd, to(device, cos), to(device, sin), to(device, pos), leaf(qw), leaf(kw),
+                    1e-6, False, 0.0, False))
+    # thd, across heads, Gemma offset, interleaved, partial, weights and table in x's dtype.
+    _, q, k, _ = build_qkv((5,), 2, 1, 8, dtype)
+    cos, sin, pos = build_table("pos_s", None, 5, 2, dtype, torch.int64)
+    qw, kw = make_weights(True, 1.0, dtype, 8, 2, 1)
+    samples.append((leaf(q), leaf(k), to(device, cos), to(device, sin), to(device, pos),
+                    leaf(qw), leaf(kw), 1e-5, True, 1.0, True))
+    # a bhsd tensor's [b, s, h, d] view, per-token float64 table, no positions, partial.
+    _, q, k, _, _ = make_qk("bhsd", "contiguous", dtype, 8, 2, 2)
+    qv = to(device, q.clone()).transpose(1, 2)  # [b, s, h, d], non-contiguous
+    kv = to(device, k.clone()).transpose(1, 2)
+    cos, sin, _ = build_table("tok_bs", 2, 3, 3, torch.float64)
+    qw, kw = make_weights(False, 0.0, dtype, 8, 2, 2)
+    samples.append((qv.detach().requires_grad_(requires_grad),
+                    kv.detach().requires_grad_(requires_grad), to(device, cos), to(device, sin),
+                    None, leaf(qw), leaf(kw), 1e-6, False, 0.0, False))
+    return samples
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=dname)
+def test_op_rstd_and_outputs(device, dtype):
+    for q, k, cos, sin, pos, qw, kw, eps, across, offset, inter in _op_samples(device, dtype,
+                                                                             False):
+        qo, ko, q_rstd, k_rstd = ops.rms_norm_rope_qk(q, k, cos, sin, pos, qw, kw, eps, across,
+                                                      offset, inter)
+        rstd_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name, x, w, out, rstd in (("q", q, qw, qo, q_rstd), ("k", k, kw, ko, k_rstd)):
+            want_shape = x.shape[:-2] + (1,) if across else x.shape[:-1]
+            assert rstd.shape == want_shape and rstd.dtype == rstd_dtype, (name, rstd.shape,
+                                                                           rstd.dtype)
+            want = ref_rstd(x.cpu(), eps, across)
+            torch.testing.assert_close(rstd.double().cpu(), want, atol=0,
+                                       rtol=1e-12 if dtype == torch.float64 else 64 * U32)
+            y, want = ref_norm_rope(x.cpu(), w.cpu(), cos, sin, pos, eps, across, offset, inter)
+            reduced = x.shape[-2] * x.shape[-1] if across else x.shape[-1]
+            assert_norm_rope_close(out, want, y, 2 * cos.shape[-1], inter,
+                                   tolerance(dtype, reduced), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dname)
+def test_op_backward_matches_autograd(device, dtype):
+    for q, k, cos, sin, pos, qw, kw, eps, across, offset, inter in _op_samples(device, dtype,
+                                                                             True):
+        qo, ko, q_rstd, k_rstd = ops.rms_norm_rope_qk(q, k, cos, sin, pos, qw, kw, eps, across,
+                                                      offset, inter)
+        gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+        want = torch.autograd.grad([qo, ko], [q, k, qw, kw], [gq, gk])
+        with torch.no_grad():
+            got = ops.rms_norm_rope_qk_backward(gq, gk, q, k, cos, sin, pos, qw, kw, q_rstd,
+                                                k_rstd, across, offset, inter)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        for name, g, w in zip(("grad_q", "grad_k", "grad_q_weight", "grad_k_weight"), got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, g.dtype)
+            # the autograd formula should be this op: equal up to a reassociated sum at most
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * w.abs().max().item(),
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=dname)
+def test_op_opcheck(device, dtype):
+    for sample in _op_samples(device, dtype, requires_grad=True):
+        torch.library.opcheck(ops.rms_norm_rope_qk.default, sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dname)
+def test_op_opcheck_backward(device, dtype):
+    for sample in _op_samples(device, dtype, requires_grad=False):
+        q, k, cos, sin, pos, qw, kw, eps, across, offset, inter = sample
+        qo, ko, q_rstd, k_rstd = ops.rms_norm_rope_qk(*sample)
+        gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+        torch.library.opcheck(ops.rms_norm_rope_qk_backward.default,
+                              (gq, gk, q, k, cos, sin, pos, qw, kw, q_rstd, k_rstd, across,
+                               offset, inter))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_op_opcheck_inplace(device, dtype):
+    for sample in _op_samples(device, dtype, requires_grad=False):
+        torch.library.opcheck(ops.rms_norm_rope_qk_.default, sample)
+
+
+# --- torch.compile ---
+
+
+@pytest.mark.parametrize("layout,across_heads", [("bshd", False), ("bhsd", True),
+                                                 ("thd", False)])
+def test_compile_fullgraph_forward_and_backward(device, layout, across_heads):
+    torch._dynamo.reset()
+    try:
+        leaves, (cos, sin, pos) = _grad_inputs(device, torch.float32, across_heads, 1.0, layout,
+                                               hq=4, hk=2, head_dim=16, batch=2, seq=5)
+
+        def fn(q, k, qw, kw, cos, sin, pos):
+            qo, ko = rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw,
+                                      across_heads=across_heads, weight_offset=1.0,
+                                      interleaved=True, layout=layout)
+            return (qo * qo).sum() + (ko * 3).sum(), qo, ko
+
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        eager_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        loss_c, qo_c, ko_c = compiled(*leaves, cos, sin, pos)
+        loss_e, qo_e, ko_e = fn(*eager_leaves, cos, sin, pos)
+        assert torch.equal(qo_c, qo_e) and torch.equal(ko_c, ko_e)
+        loss_c.backward()
+        loss_e.backward()
+        for name, a, b in zip(("q", "k", "q_weight", "k_weight"), leaves, eager_leaves):
+            assert torch.equal(a.grad, b.grad), (name, (a.grad - b.grad).abs().max().item())
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_inplace_on_fused_qkv(device):
+    torch._dynamo.reset()
+    try:
+        base, q, k, v = build_qkv((2, 3), 4, 2, 8)
+        cos, sin, pos = (to(device, t) for t in build_table("pos_bs", 2, 3, 4))
+        qw, kw = (to(device, t) for t in make_weights(False, 0.0, torch.float32, 8))
+        base_e, qe, ke, ve = on(device, base, q, k, v)
+        base_c, _, _, vc = on(device, base, q, k, v)
+        want = rms_norm_rope_qk(qe, ke, cos, sin, pos, q_weight=qw, k_weight=kw)
+
+        def fn(base):
+            q, k = base[..., :32].unflatten(-1, (4, 8)), base[..., 32:48].unflatten(-1, (2, 8))
+            rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw, inplace=True)
+            return base.sum()
+
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(base_c)
+        assert torch.equal(base_c[..., :32].unflatten(-1, (4, 8)), want[0])
+        assert torch.equal(base_c[..., 32:48].unflatten(-1, (2, 8)), want[1])
+        assert torch.equal(vc, ve), "v was written"
+    finally:
+        torch._dynamo.reset()
+
+
+# --- in place ---
+
+
+@ACROSS
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_inplace_equals_functional(device, dtype, layout, across_heads):
+    base, q, k, _, _ = make_qk(layout, "fused", dtype)
+    batch, seq = (None, T) if layout == "thd" else (B, S)
+    cos, sin, pos = (to(device, t) for t in build_table("pos_s", batch, seq, D // 4))
+    qw, kw = (to(device, t) for t in make_weights(across_heads, 1.0, torch.float32))
+    kwargs = dict(q_weight=qw, k_weight=kw, across_heads=across_heads, weight_offset=1.0,
+                  interleaved=True, layout=layout)
+    qd, kd = qk_on(device, base, q, k)
+    want = rms_norm_rope_qk(qd, kd, cos, sin, pos, **kwargs)
+    full = qd._base if qd._base is not None else qd
+    hq_d, hk_d = HQ * D, HK * D
+    v_before = full[..., hq_d + hk_d:].clone()
+    got = rms_norm_rope_qk(qd, kd, cos, sin, pos, inplace=True, **kwargs)
+    assert got[0] is qd and got[1] is kd
+    assert torch.equal(qd, want[0]) and torch.equal(kd, want[1])
+    assert torch.equal(full[..., hq_d + hk_d:], v_before), "v was written"
+
+
+def _inplace_inputs(device):
+    _, q, k, _, _ = make_qk("bshd", "contiguous", torch.float32)
+    cos, sin, pos = (to(device, t) for t in build_table("pos_bs", B, S, D // 2))
+    qw, kw = (to(device, t) for t in make_weights(False, 0.0, torch.float32))
+    return to(device, q), to(device, k), cos, sin, pos, qw, kw
+
+
+@pytest.mark.parametrize("which", ["q", "k", "q_weight", "k_weight"])
+def test_inplace_refuses_what_needs_a_gradient(device, which):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    args = {"q": q, "k": k, "q_weight": qw, "k_weight": kw}
+    args[which].requires_grad_()
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        rms_norm_rope_qk(args["q"], args["k"], cos, sin, pos, q_weight=args["q_weight"],
+                         k_weight=args["k_weight"], inplace=True)
+    with torch.no_grad():  # allowed there
+        qo, ko = rms_norm_rope_qk(args["q"], args["k"], cos, sin, pos,
+                                  q_weight=args["q_weight"], k_weight=args["k_weight"],
+                                  inplace=True)
+    assert qo is args["q"] and ko is args["k"]
+
+
+# --- bad input ---
+
+
+def _call(entry, q, k, cos, sin, pos, qw, kw, eps=1e-6, across_heads=False):
+    if entry == "op":
+        return ops.rms_norm_rope_qk(q, k, cos, sin, pos, qw, kw, eps, across_heads, 0.0, False)
+    if entry == "op_":
+        return ops.rms_norm_rope_qk_(q, k, cos, sin, pos, qw, kw, eps, across_heads, 0.0, False)
+    return rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw, eps=eps,
+                            across_heads=across_heads, inplace=entry == "fn[inplace]")
+
+
+ENTRIES = pytest.mark.parametrize("entry", ["fn", "fn[inplace]", "op", "op_"])
+
+
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+@pytest.mark.parametrize("size", [D + 1, D - 2, HQ * D, 0])
+def test_error_weight_size(device, entry, which, size):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    w = {"q_weight": qw, "k_weight": kw}
+    w[which] = torch.ones(size, device=q.device)
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
+
+
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+def test_error_weight_rank(device, entry, which):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    w = {"q_weight": qw, "k_weight": kw}
+    w[which] = w[which].expand(2, -1)
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
+
+
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+@pytest.mark.parametrize("x_dtype,w_dtype", [
+    (torch.float32, torch.int64), (torch.float32, torch.int32), (torch.float32, torch.bool),
+    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float64), (torch.bfloat16, torch.float16),
+    (torch.float16, torch.float64), (torch.float32, torch.complex64)],
+    ids=lambda d: dname(d))
+def test_error_weight_dtype(device, entry, which, x_dtype, w_dtype):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    q, k = q.to(x_dtype), k.to(x_dtype)
+    w = {"q_weight": qw, "k_weight": kw}
+    w[which] = w[which].to(w_dtype)
+    with pytest.raises(TypeError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
+
+
+@ENTRIES
+@pytest.mark.parametrize("eps", [0.0, -1e-6, -1.0])
+def test_error_eps_not_positive(device, entry, eps):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    with pytest.raises(ValueError, match=r"\beps\b"):
+        _call(entry, q, k, cos, sin, pos, qw, kw, eps=eps)
+
+
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+def test_error_across_heads_weight_sizes(device, entry, which):
+    q, k, cos, sin, pos, _, _ = _inplace_inputs(device)
+    dev = q.device
+    good = {"q_weight": torch.ones(HQ * D, device=dev), "k_weight": torch.ones(HK * D, device=dev)}
+    # per-head size with across_heads=True ...
+    w = dict(good)
+    w[which] = torch.ones(D, device=dev)
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"], across_heads=True)
+    # ... the other's head count (q 4 heads, k 2) ...
+    w = dict(good)
+    w[which] = torch.ones((HK if which == "q_weight" else HQ) * D, device=dev)
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"], across_heads=True)
+    # ... and the across-heads size without it.
+    w = {"q_weight": torch.ones(D, device=dev), "k_weight": torch.ones(D, device=dev)}
+    w[which] = good[which]
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"], across_heads=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (a GPU)")
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+def test_error_weight_on_another_device(device, entry, which):
+    if device != "cuda":
+        pytest.skip("q and k on the GPU: runs once, for device cuda")
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs("cuda")
+    w = {"q_weight": qw, "k_weight": kw}
+    w[which] = w[which].cpu()
+    with pytest.raises(ValueError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ["sbhd", "BSHD", "", None])
+def test_error_layout_through_the_wrapper(device, layout, inplace):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    with pytest.raises(ValueError, match=r"\blayout\b"):
+        rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw, layout=layout,
+                         inplace=inplace)
+
+
+# --- empty inputs ---
+
+
+@ACROSS
+@pytest.mark.parametrize("layout,lead", [("bshd", (0, S)), ("bshd", (B, 0)), ("bhsd", (B, 0)),
+                                         ("thd", (0,))], ids=["b0", "s0", "bhsd_s0", "t0"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_empty_inputs(device, layout, lead, across_heads, inplace):
+    def shape(h):
+        if layout == "bhsd":
+            return (lead[0], h, lead[1], D)
+        return lead + (h, D)
+
+    q = torch.randn(shape(HQ), device=tdev(device), requires_grad=not inplace)
+    k = torch.randn(shape(HK), device=tdev(device), requires_grad=not inplace)
+    qw, kw = (to(device, t).requires_grad_(not inplace)
+              for t in make_weights(across_heads, 0.0, torch.float32))
+    cos, sin = (to(device, t) for t in ref.default_table(D, 8))
+    cos, sin = cos.float(), sin.float()
+    pos = torch.zeros(lead, dtype=torch.int64, device=tdev(device)) if layout == "thd" else None
+    qo, ko = rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw,
+                              across_heads=across_heads, layout=layout, inplace=inplace)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.numel() == ko.numel() == 0
+    assert qo.dtype == ko.dtype == torch.float32
+    if inplace:
+        assert qo is q and ko is k
+    else:
+        (qo.sum() + ko.sum()).backward()
+        assert torch.equal(qw.grad, torch.zeros_like(qw)) and torch.equal(kw.grad,
+                                                                          torch.zeros_like(kw))
+        assert q.grad is None or q.grad.shape == q.shape
