@@ -24,7 +24,7 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(r
 # libstdc++ right after it, or ASan's __cxa_throw interceptor finds nothing to wrap).
 SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py \
                   tests/test_fuzz.py tests/test_threads.py tests/test_cuda.py tests/test_any_position.py \
-                  tests/test_func.py
+                  tests/test_func.py tests/test_norm_rope.py
 
 .PHONY: demo test build bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, for a lent H100/H200 (torch preinstalled):
 #   make gpu-check        (full, about 6-8 min)   make gpu-check-quick   (about 3-4 min)
-# full:  build for sm_90a; tests/test_cuda.py on the GPU; benchmarks/bench_gpu.py with the
-#        peers, the launch-threshold sweep and the per-call table; compute-sanitizer
+# full:  build for sm_90a; tests/test_cuda.py and tests/test_norm_rope.py on the GPU;
+#        benchmarks/bench_gpu.py with the peers, the launch-threshold sweep and the per-call
+#        table, and benchmarks/bench_norm_rope.py (the fused QK-norm); compute-sanitizer
 #        memcheck and racecheck on a reduced set; export and AOTInductor on CUDA.
 #        (In that order: if the call runs out of time, the figures are already in $OUT.)
 # quick: build; tests/test_cuda.py; rope_ext against a device copy (bench_gpu.py --quick).
@@ -60,21 +61,36 @@ ROPE_TEST_DEVICE=cuda timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/t
   > "$OUT/test_cuda.log" 2>&1
 note "tests/test_cuda.py on the GPU (exit $?): $(tail -1 "$OUT/test_cuda.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/test_cuda.log" | head -20
+# The fused QK-norm + RoPE on the GPU, logged into the same file (the device call returns
+# at most 8 files).
+ROPE_TEST_DEVICE=cuda timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_norm_rope.py \
+  > /tmp/test_norm_rope.log 2>&1
+rc=$?
+{ echo "=== tests/test_norm_rope.py (exit $rc)"; cat /tmp/test_norm_rope.log; } >> "$OUT/test_cuda.log"
+note "tests/test_norm_rope.py on the GPU (exit $rc): $(tail -1 /tmp/test_norm_rope.log)"
+grep -E "^(FAILED|ERROR)" /tmp/test_norm_rope.log | head -20
 
 step "GPU benchmark"
 bench_args="--out $OUT"
 [ "$MODE" = full ] && bench_args="$bench_args --sweep" || bench_args="$bench_args --quick"
 timeout 240 "$PY" benchmarks/bench_gpu.py $bench_args > "$OUT/bench_gpu.log" 2>&1
 note "bench_gpu.py (exit $?)"
+# The fused QK-norm rows (Qwen3-8B shapes, bf16, s=4096), into the same log.
+timeout 150 "$PY" benchmarks/bench_norm_rope.py --device cuda >> "$OUT/bench_gpu.log" 2>&1
+note "bench_norm_rope.py (exit $?): $(grep -E "goal" "$OUT/bench_gpu.log" | tr '\n' ' ')"
 
 if [ "$MODE" = full ]; then
   # A reduced matrix: each launch is slow under the sanitizer.
   subset="launch_plans and (bf16 or fp32) or misaligned or outside or fused or 64_bit or replay or stream"
+  norm_subset="test_dtypes and x_bfloat16 and bshd or backward_matches or layouts_tables_pairings and fused and interleaved"
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
     ROPE_TEST_DEVICE=cuda timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "$subset" \
-      > "/tmp/sanitizer_$tool.log" 2>&1
+      > "/tmp/sanitizer_$tool.log" 2>&1 &&
+    ROPE_TEST_DEVICE=cuda timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_norm_rope.py -k "$norm_subset" \
+      >> "/tmp/sanitizer_$tool.log" 2>&1
     rc=$?
     # One file for both tools: the device call returns at most 8 files from $OUT.
     { echo "=== $tool (exit $rc)"; cat "/tmp/sanitizer_$tool.log"; } >> "$OUT/sanitizer.log"

@@ -37,6 +37,39 @@ void load_row(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf, int64_t n)
   }
 }
 
+// load_row that also returns the sum of the squares of the n elements (the norm's
+// statistic, taken while the row passes through registers).
+template <typename scalar_t>
+opmath_t<scalar_t> load_row_squares(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf,
+                                    int64_t n) {
+  using T = opmath_t<scalar_t>;
+  using In = Block<scalar_t>;
+  using Out = Block<T>;
+  using V = typename In::V;
+  V acc(T(0));
+  if (sd != 1) {
+    load_row(x, sd, buf, n);
+    for (int64_t d = 0; d < n; d += Out::kSize) {
+      V lo, hi;
+      Out::load(buf + d, std::min(Out::kSize, n - d), lo, hi);
+      acc = acc + lo * lo + hi * hi;
+    }
+  } else {
+    for (int64_t d = 0; d < n; d += In::kSize) {
+      const int64_t m = std::min(In::kSize, n - d);
+      V lo, hi;
+      In::load(x + d, m, lo, hi);  // lanes past m are zero
+      acc = acc + lo * lo + hi * hi;
+      Out::store(buf + d, m, lo, hi);
+    }
+  }
+  T lanes[V::size()];
+  acc.store(lanes);
+  T sum = T(0);
+  for (int j = 0; j < V::size(); ++j) sum += lanes[j];
+  return sum;
+}
+
 // n elements of buf into y at stride sd, rounded as the rotation's stores round.
 template <typename scalar_t>
 void store_row(const opmath_t<scalar_t>* buf, scalar_t* y, int64_t sd, int64_t n) {
@@ -88,19 +121,61 @@ void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int6
   }
 }
 
-// One head from buf (the math type) rotated into y; x[r:] stored unrotated.
+// One head from buf (the math type), times r * w, rotated into y; x[r:] stored scaled
+// but unrotated. At unit stride the scaling rides on the rotation's loads.
 template <typename scalar_t>
-void rotate_from_buffer(const RopeProblem& p, const opmath_t<scalar_t>* buf, scalar_t* y,
+void rotate_from_buffer(const RopeProblem& p, opmath_t<scalar_t>* buf, scalar_t* y,
                         int64_t stride_dim, int64_t head_dim, const opmath_t<scalar_t>* c,
-                        const opmath_t<scalar_t>* s) {
-  if (stride_dim == 1 && p.interleaved) {
-    rotate_head_interleaved<false>(buf, y, c, s, p.pairs);
-  } else if (stride_dim == 1) {
-    rotate_head_half_split<false>(buf, y, c, s, p.pairs);
-  } else {
+                        const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
+                        const opmath_t<scalar_t>* w) {
+  using T = opmath_t<scalar_t>;
+  using In = Block<T>;
+  using Out = Block<scalar_t>;
+  using V = typename Out::V;
+  if (stride_dim != 1) {
+    scale_row(buf, buf, r, w, head_dim);
     rotate_head_strided(buf, 1, y, stride_dim, c, s, p.pairs, p.interleaved);
+    store_row(buf + 2 * p.pairs, y + 2 * p.pairs * stride_dim, stride_dim, head_dim - 2 * p.pairs);
+    return;
   }
-  store_row(buf + 2 * p.pairs, y + 2 * p.pairs * stride_dim, stride_dim, head_dim - 2 * p.pairs);
+  const V vr(r);
+  // Elements [e, e + n) of buf, scaled.
+  const auto scaled = [&](int64_t e, int64_t n, V& lo, V& hi) {
+    V w_lo, w_hi;
+    In::load(buf + e, n, lo, hi);
+    In::load(w + e, n, w_lo, w_hi);
+    lo = lo * vr * w_lo;
+    hi = hi * vr * w_hi;
+  };
+  const int64_t pairs = p.pairs, rot = 2 * pairs;
+  if (p.interleaved) {
+    for (int64_t e = 0; e < rot; e += Out::kSize) {
+      const int64_t n = std::min(Out::kSize, rot - e);
+      V lo, hi;
+      scaled(e, n, lo, hi);
+      auto [a, b] = at::vec::deinterleave2(lo, hi);
+      rotate_pair(a, b, V::loadu(c + e / 2), V::loadu(s + e / 2));
+      std::tie(lo, hi) = at::vec::interleave2(a, b);
+      Out::store(y + e, n, lo, hi);
+    }
+  } else {
+    for (int64_t i = 0; i < pairs; i += Out::kSize) {
+      const int64_t n = std::min(Out::kSize, pairs - i);
+      V a0, a1, b0, b1;
+      scaled(i, n, a0, a1);
+      scaled(pairs + i, n, b0, b1);
+      rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
+      rotate_pair(a1, b1, V::loadu(c + i + Out::W), V::loadu(s + i + Out::W));
+      Out::store(y + i, n, a0, a1);
+      Out::store(y + pairs + i, n, b0, b1);
+    }
+  }
+  for (int64_t e = rot; e < head_dim; e += Out::kSize) {
+    const int64_t n = std::min(Out::kSize, head_dim - e);
+    V lo, hi;
+    scaled(e, n, lo, hi);
+    Out::store(y + e, n, lo, hi);
+  }
 }
 
 // One head of y rotated (by the table row c, s) into buf, the math type; y[r:] copied.
@@ -137,6 +212,7 @@ void norm_rope_forward(const NormRopeProblem& np) {
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
     c10::SmallVector<T, 1024> xbuf(row);
+    c10::SmallVector<T, 64> squares(std::max(p.x[0].heads, p.x[p.num_x - 1].heads));
     for (int64_t tok = begin; tok < end; ++tok) {
       const int64_t b = tok / p.seq, s = tok % p.seq;
       const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf.data(), s_buf.data());
@@ -145,24 +221,28 @@ void norm_rope_forward(const NormRopeProblem& np) {
         const NormDesc& nd = np.norm[i];
         const T* scale = static_cast<const T*>(nd.scale);
         const int64_t D = h.head_dim;
-        load_heads(static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq,
-                   h.in_stride_head, h.in_stride_dim, h.heads, D, xbuf.data());
+        const scalar_t* in =
+            static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
         scalar_t* out =
             static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
         T* rstd_out = static_cast<T*>(nd.rstd);
-        if (np.across_heads) {
-          const T r = inverse_rms(dot(xbuf.data(), xbuf.data(), h.heads * D), h.heads * D, np.eps);
-          if (rstd_out != nullptr) rstd_out[tok] = r;
-          scale_row(xbuf.data(), xbuf.data(), r, scale, h.heads * D);
-        }
+        T squares_total = T(0);
         for (int64_t head = 0; head < h.heads; ++head) {
-          T* hb = xbuf.data() + head * D;
+          squares[head] = load_row_squares(in + head * h.in_stride_head, h.in_stride_dim,
+                                           xbuf.data() + head * D, D);
+          squares_total += squares[head];
+        }
+        const T r_all = inverse_rms(squares_total, h.heads * D, np.eps);
+        if (np.across_heads && rstd_out != nullptr) rstd_out[tok] = r_all;
+        for (int64_t head = 0; head < h.heads; ++head) {
+          T r = r_all;
           if (!np.across_heads) {
-            const T r = inverse_rms(dot(hb, hb, D), D, np.eps);
+            r = inverse_rms(squares[head], D, np.eps);
             if (rstd_out != nullptr) rstd_out[tok * h.heads + head] = r;
-            scale_row(hb, hb, r, scale, D);
           }
-          rotate_from_buffer(p, hb, out + head * h.out_stride_head, h.out_stride_dim, D, c, sn);
+          rotate_from_buffer(p, xbuf.data() + head * D, out + head * h.out_stride_head,
+                             h.out_stride_dim, D, c, sn, r,
+                             scale + (np.across_heads ? head * D : 0));
         }
       }
     }
