@@ -40,7 +40,7 @@ struct RopeProblem {
 
 namespace rope {
 
-// The RMSNorm half of one of q, k in the fused QK-RMSNorm + RoPE (docs/math.md section 13).
+// The RMSNorm half of one of q, k in the fused QK-RMSNorm + RoPE (docs/math.md section 15.1).
 struct NormDesc {
   // (weight + weight_offset) in the math type (float32, float64 for float64 x), unit stride:
   // [head_dim], or [heads * head_dim] when the norm spans every head of a token.

@@ -8,11 +8,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <Python.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
+
+#include <array>
 
 #include "cpu/rope_cpu.h"
 #include "cuda/rope_launch_config.h"
@@ -256,11 +257,13 @@ std::tuple<at::Tensor, at::Tensor> apply_qk_autograd(const at::Tensor& q, const 
 // functional ops), so instead of letting autograd's fallback warn and compute a
 // wrong gradient, they refuse tensors that need one and otherwise run below
 // autograd, bumping the version counters of what they wrote.
-void check_no_grad(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(
-      !(at::GradMode::is_enabled() && x.requires_grad()), "rope: ", name,
-      " requires grad, and the in-place rotation is not differentiable; use the "
-      "functional form (apply_rope(..., inplace=False)) or run under torch.no_grad()");
+// functional: the differentiable call to use instead.
+void check_no_grad(const at::Tensor& x, const char* name,
+                   const char* functional = "apply_rope(..., inplace=False)") {
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad()), "rope: ", name,
+                    " requires grad, and the in-place op is not differentiable; use the "
+                    "functional form (",
+                    functional, ") or run under torch.no_grad()");
 }
 
 void apply_autograd_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -292,7 +295,7 @@ void apply_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // --- autograd of the fused QK-RMSNorm + RoPE ---
 // First-order gradients come from the backward op (one pass over q, k and their
-// gradients, docs/math.md section 13). Double backward and forward mode, which
+// gradients, docs/math.md section 15). Double backward and forward mode, which
 // training rarely needs, go through the same math written with ATen ops and the
 // rotation op, which autograd differentiates by itself.
 
@@ -336,6 +339,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_rope_composite(
   return {q_out.to(q.scalar_type()), k_out.to(k.scalar_type()), q_rstd.detach(), k_rstd.detach()};
 }
 
+// The backward (docs/math.md section 15.3) as differentiable ATen ops and the rotation op:
+// what double backward and torch.func differentiate. (grad_q, grad_k, grad_q_weight,
+// grad_k_weight).
+std::array<at::Tensor, 4> norm_rope_backward_composite(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, double eps, bool across_heads,
+    double weight_offset, bool interleaved) {
+  const auto math = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // u = R^T grad: the rotation's inverse.
+  auto [u_q, u_k] = apply_qk_op().call(grad_q.to(math), grad_k.to(math), cos.to(math), sin.to(math),
+                                       positions, interleaved, /*inverse=*/true, std::nullopt, 1.0);
+  const auto one = [&](const at::Tensor& x, const at::Tensor& u, const at::Tensor& w,
+                       at::Tensor& grad_x, at::Tensor& grad_w) {
+    const at::Tensor xf = x.to(math);
+    const at::Tensor xg = across_heads ? xf.flatten(-2) : xf;
+    const at::Tensor ug = across_heads ? u.flatten(-2) : u;
+    const at::Tensor r = at::rsqrt(xg.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    const at::Tensor n = xg * r;
+    const at::Tensor dn = ug * (w.to(math) + weight_offset);
+    grad_x =
+        (r * (dn - n * (dn * n).mean(-1, /*keepdim=*/true))).view(xf.sizes()).to(x.scalar_type());
+    grad_w = (ug * n).reshape({-1, w.size(0)}).sum(0).to(w.scalar_type());
+  };
+  std::array<at::Tensor, 4> out;
+  one(q, u_q, q_weight, out[0], out[2]);
+  one(k, u_k, k_weight, out[1], out[3]);
+  return out;
+}
+
 struct NormRopeBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable q, k, cos, sin, positions, q_weight, k_weight, q_rstd, k_rstd;
   double eps = 1e-6, weight_offset = 0.0;
@@ -353,22 +386,13 @@ struct NormRopeBackward : public torch::autograd::Node {
     const bool create_graph = at::GradMode::is_enabled() &&
                               (q_.requires_grad() || k_.requires_grad() || qw.requires_grad() ||
                                kw.requires_grad() || gq.requires_grad() || gk.requires_grad());
-    if (create_graph) {  // double backward: differentiate the ATen composition
-      const at::Tensor inputs[4] = {q_, k_, qw, kw};
-      std::vector<at::Tensor> wrt;
-      std::vector<int> where;
+    if (create_graph) {  // double backward, torch.func: the same math in differentiable ops
+      const auto results =
+          norm_rope_backward_composite(gq, gk, q_, k_, cos.unpack(), sin.unpack(), pos, qw, kw, eps,
+                                       across_heads, weight_offset, interleaved);
       for (int i = 0; i < 4; ++i) {
-        if (inputs[i].requires_grad() && should_compute_output(i)) {
-          wrt.push_back(inputs[i]);
-          where.push_back(i);
-        }
+        if (should_compute_output(i)) out[i] = results[i];
       }
-      if (wrt.empty()) return out;
-      auto [qo, ko, qr, kr] = norm_rope_composite(q_, k_, cos.unpack(), sin.unpack(), pos, qw, kw,
-                                                  eps, across_heads, weight_offset, interleaved);
-      const auto got = torch::autograd::grad({qo, ko}, wrt, {gq, gk}, /*retain_graph=*/true,
-                                             /*create_graph=*/true, /*allow_unused=*/true);
-      for (size_t j = 0; j < where.size(); ++j) out[where[j]] = got[j];
       return out;
     }
     auto [dq, dk, dqw, dkw] = norm_backward_op().call(gq, gk, q_, k_, cos.unpack(), sin.unpack(),
@@ -431,14 +455,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_qk_auto
   return {q_out, k_out, q_rstd, k_rstd};
 }
 
+constexpr const char* kNormFunctional = "rms_norm_rope_qk(..., inplace=False)";
+
 void rms_norm_rope_qk_autograd_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                 const at::Tensor& sin, const std::optional<at::Tensor>& positions,
                                 const at::Tensor& q_weight, const at::Tensor& k_weight, double eps,
                                 bool across_heads, double weight_offset, bool interleaved) {
-  check_no_grad(q, "q");
-  check_no_grad(k, "k");
-  check_no_grad(q_weight, "q_weight");
-  check_no_grad(k_weight, "k_weight");
+  check_no_grad(q, "q", kNormFunctional);
+  check_no_grad(k, "k", kNormFunctional);
+  check_no_grad(q_weight, "q_weight", kNormFunctional);
+  check_no_grad(k_weight, "k_weight", kNormFunctional);
   static const auto op = find_op<decltype(rms_norm_rope_qk_cpu_)>("rope::rms_norm_rope_qk_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;

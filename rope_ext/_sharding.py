@@ -1,4 +1,4 @@
-"""DTensor sharding rules for the four ops: q and k may arrive sharded by batch, by heads or by
+"""DTensor sharding rules for the ops: q and k may arrive sharded by batch, by heads or by
 tokens (tensor, sequence, context and data parallel), and rotate shard by shard.
 
 Each rule lists the placements under which the local op on each shard computes that shard of
@@ -16,7 +16,7 @@ stays right.
 """
 
 import torch
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
 ops = torch.ops.rope
@@ -83,3 +83,39 @@ def _apply_qk_sharding(q, k, cos, sin, positions=None, interleaved=False, invers
 def _apply_qk_inplace_sharding(q, k, cos, sin, positions=None, interleaved=False,
                                inverse=False, inv_freq=None, attention_factor=1.0):
     return _strategies([q, k], cos, sin, positions, inv_freq, outputs=0)
+
+
+# --- the fused QK-RMSNorm + RoPE: the same placements for q and k (a norm over all heads
+# of a token cannot be sharded by heads), weights replicated, each group's rstd placed
+# like its tensor. The backward's weight gradients are sums over the tokens and heads a
+# shard holds: Partial (summed across the shards) unless everything is replicated.
+
+
+def _norm_rules(xs, cos, sin, positions, across_heads):
+    heads = Shard(xs[0].ndim - 2)
+    return [r for r in _rules(xs, cos, sin, positions) if not (across_heads and r[0] == heads)]
+
+
+@register_sharding(ops.rms_norm_rope_qk.default)
+def _norm_sharding(q, k, cos, sin, positions, q_weight, k_weight, eps=1e-6, across_heads=False,
+                   weight_offset=0.0, interleaved=False):
+    return [([xp] * 4, [xp, xp, cp, sp, pp, R, R, None, None, None, None])
+            for xp, cp, sp, pp in _norm_rules([q, k], cos, sin, positions, across_heads)]
+
+
+@register_sharding(ops.rms_norm_rope_qk_.default)
+def _norm_inplace_sharding(q, k, cos, sin, positions, q_weight, k_weight, eps=1e-6,
+                           across_heads=False, weight_offset=0.0, interleaved=False):
+    return [([], [xp, xp, cp, sp, pp, R, R, None, None, None, None])
+            for xp, cp, sp, pp in _norm_rules([q, k], cos, sin, positions, across_heads)]
+
+
+@register_sharding(ops.rms_norm_rope_qk_backward.default)
+def _norm_backward_sharding(grad_q, grad_k, q, k, cos, sin, positions, q_weight, k_weight,
+                            q_rstd, k_rstd, across_heads, weight_offset, interleaved):
+    strategies = []
+    for xp, cp, sp, pp in _norm_rules([q, k], cos, sin, positions, across_heads):
+        wp = R if xp == R else Partial()
+        strategies.append(([xp, xp, wp, wp],
+                           [xp, xp, xp, xp, cp, sp, pp, R, R, xp, xp, None, None, None]))
+    return strategies

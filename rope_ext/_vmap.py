@@ -38,13 +38,11 @@ def _per_token_table(t, dim, pos, n, batch, seq):
     return rows.expand(n, batch, seq, t.shape[-1]).reshape(n * batch, seq, t.shape[-1])
 
 
-def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse, inv_freq,
-               attention_factor):
-    """Calls apply (one x) or apply_qk (two) on the folded batch; returns per-sample outputs."""
+def _fold(info, in_dims, xs, cos, sin, positions, inv_freq):
+    """The xs with N folded into their batch, their per-sample shapes, and the table and
+    positions made to match. in_dims: those of the xs, then cos, sin, positions."""
     n = info.batch_size
     x_dims, (cos_dim, sin_dim, pos_dim) = in_dims[:len(xs)], in_dims[len(xs):len(xs) + 3]
-    if inv_freq is not None and in_dims[len(xs) + 5] is not None:
-        raise ValueError("rope: vmap over inv_freq is not supported; pass one inv_freq for all")
     folded = [_fold_x(x, d, n) for x, d in zip(xs, x_dims)]
     sample = folded[0][1]
     packed = len(sample) == 3
@@ -67,6 +65,17 @@ def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse, inv
         cos = _per_token_table(cos, cos_dim, pos, n, batch, seq)
         sin = _per_token_table(sin, sin_dim, pos, n, batch, seq)
         positions = None
+    return [f for f, _ in folded], [sample for _, sample in folded], cos, sin, positions
+
+
+def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse, inv_freq,
+               attention_factor):
+    """Calls apply (one x) or apply_qk (two) on the folded batch; returns per-sample outputs."""
+    n = info.batch_size
+    if inv_freq is not None and in_dims[len(xs) + 5] is not None:
+        raise ValueError("rope: vmap over inv_freq is not supported; pass one inv_freq for all")
+    xs, samples, cos, sin, positions = _fold(info, in_dims, xs, cos, sin, positions, inv_freq)
+    folded = list(zip(xs, samples))
     args = (cos, sin, positions, interleaved, inverse, inv_freq, attention_factor)
     if len(xs) == 1:
         outs = (ops.apply(folded[0][0], *args),)
@@ -89,5 +98,24 @@ def _apply_qk_vmap(info, in_dims, q, k, cos, sin, positions=None, interleaved=Fa
     return (q_out, k_out), (0, 0)
 
 
+def _rms_norm_rope_qk_vmap(info, in_dims, q, k, cos, sin, positions, q_weight, k_weight,
+                           eps=1e-6, across_heads=False, weight_offset=0.0, interleaved=False):
+    n = info.batch_size
+    if in_dims[5] is not None or in_dims[6] is not None:  # per-sample weights: one call each
+        qw, kw = (_lead(w, d, n) for w, d in zip((q_weight, k_weight), in_dims[5:7]))
+        per = [ops.rms_norm_rope_qk(
+            *[t if d is None else t.select(d, i) for t, d in zip((q, k, cos, sin, positions),
+                                                                  in_dims[:5])],
+            qw[i], kw[i], eps, across_heads, weight_offset, interleaved) for i in range(n)]
+        return tuple(torch.stack(o) for o in zip(*per)), (0, 0, 0, 0)
+    xs, samples, cos, sin, positions = _fold(info, in_dims, (q, k), cos, sin, positions, None)
+    outs = ops.rms_norm_rope_qk(xs[0], xs[1], cos, sin, positions, q_weight, k_weight, eps,
+                                across_heads, weight_offset, interleaved)
+    shapes = [s for s in samples] + [s[:-2] + ((1,) if across_heads else s[-2:-1])
+                                     for s in samples]
+    return tuple(o.reshape((n,) + tuple(s)) for o, s in zip(outs, shapes)), (0, 0, 0, 0)
+
+
+torch.library.register_vmap("rope::rms_norm_rope_qk", _rms_norm_rope_qk_vmap)
 torch.library.register_vmap("rope::apply", _apply_vmap)
 torch.library.register_vmap("rope::apply_qk", _apply_qk_vmap)

@@ -25,29 +25,35 @@ def _op_view(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bhsd" else x
 
 
-def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions,
-                      inv_freq=None):
-    """cos, sin, positions for a DTensor x. Plain tensors become replicated DTensors (every
-    rank holds the same table and positions, as a module's buffers and a model's position_ids
-    are), and a missing positions with a [P, r/2] table becomes arange(seq): token s is at
-    position s of the whole sequence, which a shard of the tokens cannot know locally."""
-    if type(xv) is torch.Tensor:
-        return cos, sin, positions, inv_freq
+def _is_dtensor(x: torch.Tensor) -> bool:
+    if type(x) is torch.Tensor:  # the common case, without importing torch.distributed.tensor
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _replicated(xv: torch.Tensor, *tensors):
+    """Plain tensors as replicated DTensors on DTensor xv's mesh (every rank holds the same
+    ones, as a module's buffers and a model's position_ids are); DTensors and None as they are."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    if not isinstance(xv, DTensor):
-        return cos, sin, positions, inv_freq
     mesh = xv.device_mesh
     replicated = [Replicate()] * mesh.ndim
+    return tuple(t if t is None or isinstance(t, DTensor)
+                 else DTensor.from_local(t, mesh, replicated, run_check=False) for t in tensors)
 
-    def as_dtensor(t):
-        if t is None or isinstance(t, DTensor):
-            return t
-        return DTensor.from_local(t, mesh, replicated, run_check=False)
 
+def _distributed_args(xv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions,
+                      inv_freq=None):
+    """cos, sin, positions for a DTensor x, replicated where plain, and a missing positions
+    with a [P, r/2] table made arange(seq): token s is at position s of the whole sequence,
+    which a shard of the tokens cannot know locally."""
+    if not _is_dtensor(xv):
+        return cos, sin, positions, inv_freq
     if positions is None and cos.dim() == 2 and xv.dim() == 4:
         positions = torch.arange(xv.shape[1], device=xv.device)
-    return as_dtensor(cos), as_dtensor(sin), as_dtensor(positions), as_dtensor(inv_freq)
+    return _replicated(xv, cos, sin, positions, inv_freq)
 
 
 def _past_table(inv_freq, attention_factor):
@@ -209,6 +215,9 @@ def rms_norm_rope_qk(
     """
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
+    if _is_dtensor(qv):
+        cos, sin, positions, _ = _distributed_args(qv, cos, sin, positions)
+        q_weight, k_weight = _replicated(qv, q_weight, k_weight)
     if inplace:
         ops.rms_norm_rope_qk_(qv, kv, cos, sin, positions, q_weight, k_weight, eps, across_heads,
                               weight_offset, interleaved)

@@ -87,6 +87,47 @@ def _check_placements(mesh, dtype):
             assert _same_bits(g.full_tensor(), e), f"{name} {dtype}: in place differs"
 
 
+def _check_norm_rope_placements(mesh):
+    """The fused QK-norm + RoPE shard by shard: outputs bit for bit, gradients of q and k
+    bit for bit, the weights' gradients (sums over the shards' tokens or heads) within
+    rounding of the order of the sum."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    q, k, cos, sin, pos = _inputs(torch.float32)
+    g = torch.Generator().manual_seed(5)
+    rep = [Replicate()]
+    for across in (False, True):
+        wq = torch.randn(HQ * D if across else D, generator=g)
+        wk = torch.randn(HK * D if across else D, generator=g)
+        cases = {"batch": (Shard(0), Shard(0)), "tokens": (Shard(1), Shard(1)),
+                 "replicated": (Replicate(), Replicate())}
+        if not across:
+            cases["heads"] = (Shard(2), Replicate())
+        for name, (xp, pp) in cases.items():
+            what = f"{name}, across_heads={across}"
+            rq, rk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            rwq, rwk = wq.clone().requires_grad_(), wk.clone().requires_grad_()
+            eq, ek = rope_ext.rms_norm_rope_qk(rq, rk, cos, sin, pos, q_weight=rwq, k_weight=rwk,
+                                              across_heads=across)
+            (eq.square().sum() + (ek * 3).sum()).backward()
+            lq, lk = (distribute_tensor(t, mesh, [xp]).detach().requires_grad_() for t in (q, k))
+            lwq, lwk = (distribute_tensor(t, mesh, rep).detach().requires_grad_()
+                        for t in (wq, wk))
+            dcos, dsin = (distribute_tensor(t, mesh, rep) for t in (cos, sin))
+            qo, ko = rope_ext.rms_norm_rope_qk(lq, lk, dcos, dsin,
+                                               distribute_tensor(pos, mesh, [pp]),
+                                               q_weight=lwq, k_weight=lwk, across_heads=across)
+            assert qo.placements == (xp,), f"{what}: placement {qo.placements}"
+            assert _same_bits(qo.full_tensor(), eq.detach()), f"{what}: q forward differs"
+            assert _same_bits(ko.full_tensor(), ek.detach()), f"{what}: k forward differs"
+            (qo.square().sum() + (ko * 3).sum()).backward()
+            assert _same_bits(lq.grad.full_tensor(), rq.grad), f"{what}: grad q differs"
+            assert _same_bits(lk.grad.full_tensor(), rk.grad), f"{what}: grad k differs"
+            for got, want in ((lwq.grad, rwq.grad), (lwk.grad, rwk.grad)):
+                torch.testing.assert_close(got.full_tensor(), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{what}: weight grad: {m}")
+
+
 class Attention(torch.nn.Module):
     """A Llama-style attention block: q/k/v projections, RoPE, SDPA, output projection."""
 
@@ -164,6 +205,7 @@ def _worker(rank, port, result_dir):
         mesh = init_device_mesh("cpu", (WORLD,))
         for dtype in (torch.float32, torch.bfloat16):
             _check_placements(mesh, dtype)
+        _check_norm_rope_placements(mesh)
         _check_tensor_parallel_attention(mesh)
         dist.barrier()
         with open(os.path.join(result_dir, f"rank{rank}.ok"), "w") as f:

@@ -195,3 +195,109 @@ def test_jacrev_uses_the_batching_rule():
         jac = torch.func.jacrev(lambda t: ops.apply(t, cos, sin, pos[:1, :1], False, False))(
             q[:1, :1])
     assert jac.shape == q[:1, :1].shape * 2
+
+
+# --- the fused QK-RMSNorm + RoPE under torch.func: every transform against the same
+# transform of a float64 ATen composition (norm, weight, then the reference rotation),
+# which autograd and functorch differentiate without our kernels.
+
+def _norm_inputs(across):
+    q, k, cos, sin, pos = _inputs()
+    g = torch.Generator().manual_seed(3)
+    qw = torch.randn(HQ * D if across else D, generator=g, dtype=torch.float64)
+    kw = torch.randn(HK * D if across else D, generator=g, dtype=torch.float64)
+    return q, k, cos, sin, pos, qw, kw
+
+
+def _norm_ours(across):
+    def f(q, k, qw, kw, cos, sin, pos):
+        return rope_ext.rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw,
+                                         eps=1e-5, across_heads=across, weight_offset=0.5)
+    return f
+
+
+def _norm_composed(across):
+    def norm(x, w):
+        g = x.flatten(-2) if across else x
+        y = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5) * (w + 0.5)
+        return y.reshape(x.shape)
+
+    def rot(x, cos, sin, pos):  # the reference rotation written with differentiable ops
+        c, s = cos[pos].unsqueeze(-2), sin[pos].unsqueeze(-2)
+        half = c.shape[-1]
+        a, b, tail = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat([a * c - b * s, a * s + b * c, tail], -1)
+
+    def f(q, k, qw, kw, cos, sin, pos):
+        return rot(norm(q, qw), cos, sin, pos), rot(norm(k, kw), cos, sin, pos)
+    return f
+
+
+ACROSS = pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+
+
+@ACROSS
+def test_norm_rope_func_grad_vjp_jvp(across):
+    q, k, cos, sin, pos, qw, kw = _norm_inputs(across)
+    ours, composed = _norm_ours(across), _norm_composed(across)
+    wq, wk = torch.randn_like(q), torch.randn_like(k)
+
+    def loss(f):
+        return lambda *a: (f(*a, cos, sin, pos)[0] * wq).sum() + (f(*a, cos, sin, pos)[1] * wk).sum()
+
+    got = torch.func.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, qw, kw)
+    want = torch.func.grad(loss(composed), argnums=(0, 1, 2, 3))(q, k, qw, kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    (outs, vjp) = torch.func.vjp(lambda *a: ours(*a, cos, sin, pos), q, k, qw, kw)
+    (outs_c, vjp_c) = torch.func.vjp(lambda *a: composed(*a, cos, sin, pos), q, k, qw, kw)
+    for g, w in zip(vjp((wq, wk)) + outs, vjp_c((wq, wk)) + outs_c):
+        torch.testing.assert_close(g, w)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, qw, kw))
+    _, jvp = torch.func.jvp(lambda *a: ours(*a, cos, sin, pos), (q, k, qw, kw), tangents)
+    _, jvp_c = torch.func.jvp(lambda *a: composed(*a, cos, sin, pos), (q, k, qw, kw), tangents)
+    for g, w in zip(jvp, jvp_c):
+        torch.testing.assert_close(g, w)
+
+
+@ACROSS
+def test_norm_rope_func_jacrev_and_vmap(across):
+    q, k, cos, sin, pos, qw, kw = _norm_inputs(across)
+    q, k, pos = q[:1, :1], k[:1, :1], pos[:1, :1]  # one token: small Jacobians
+    ours, composed = _norm_ours(across), _norm_composed(across)
+    for argnum in (0, 2):  # d q_out / d q and d q_out / d q_weight
+        got = torch.func.jacrev(lambda *a: ours(*a, cos, sin, pos)[0], argnums=argnum)(q, k, qw, kw)
+        want = torch.func.jacrev(lambda *a: composed(*a, cos, sin, pos)[0],
+                                 argnums=argnum)(q, k, qw, kw)
+        torch.testing.assert_close(got, want)
+    qs, ks = torch.randn(3, *q.shape, dtype=q.dtype), torch.randn(3, *k.shape, dtype=k.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.func.vmap(lambda a, b: ours(a, b, qw, kw, cos, sin, pos))(qs, ks)
+    # The batching rule folds the samples into one call: no per-sample fallback.
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    want = [composed(a, b, qw, kw, cos, sin, pos) for a, b in zip(qs, ks)]
+    for i, (gq, gk) in enumerate(zip(*got)):
+        torch.testing.assert_close(gq, want[i][0])
+        torch.testing.assert_close(gk, want[i][1])
+    # Per-sample weights (an ensemble): one call per sample, the same values.
+    qws = torch.randn(3, *qw.shape, dtype=qw.dtype)
+    got = torch.func.vmap(lambda a, w: ours(a, k, w, kw, cos, sin, pos)[0])(qs, qws)
+    for i in range(3):
+        torch.testing.assert_close(got[i], composed(qs[i], k, qws[i], kw, cos, sin, pos)[0])
+
+
+@ACROSS
+def test_norm_rope_double_backward_matches_composition(across):
+    q, k, cos, sin, pos, qw, kw = _norm_inputs(across)
+    ins = [t.clone().requires_grad_() for t in (q, k, qw, kw)]
+    ins_c = [t.clone().requires_grad_() for t in (q, k, qw, kw)]
+    wq = torch.randn_like(q)
+
+    def second(f, args):
+        qo, ko = f(*args, cos, sin, pos)
+        g = torch.autograd.grad((qo * wq).sum() + ko.square().sum(), args, create_graph=True)
+        return torch.autograd.grad(sum(t.square().sum() for t in g), args)
+
+    for g, w in zip(second(_norm_ours(across), ins), second(_norm_composed(across), ins_c)):
+        torch.testing.assert_close(g, w)

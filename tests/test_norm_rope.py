@@ -6,7 +6,7 @@ torch.ops.rope.rms_norm_rope_qk, rms_norm_rope_qk_ (in place) and rms_norm_rope_
 
 the mean over head_dim (across_heads=False, weights [head_dim]) or over heads * head_dim of
 each token (across_heads=True, OLMo 2; weights [heads * head_dim]), then the rotation exactly
-as apply_rope_qk does it (docs/api.md section 11).
+as apply_rope_qk does it (docs/api.md section 2b).
 
 Checked against an independent float64 RMSNorm written here and the float64 RoPE of
 tests/reference.py, applied to the same (rounded) inputs: the kernel computes in float32
