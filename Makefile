@@ -1,6 +1,11 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each sets itself up
 # on first use (a venv with torch from the local wheel store, the test tools,
 # the extension built against that torch) and reuses the set-up afterwards.
+#
+# `make wheel` builds a binary wheel into dist/ (the torch it is built for in its
+# version: rope_ext-0.1.0+torch2.13.cpu-...whl). With TEST_FROM=wheel (the default
+# when CI=true), `make test` and `make bench-call` run against that wheel installed
+# in a fresh venv of its own ($(VENV_WHEEL)) instead of the editable build in $(VENV).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,15 +27,41 @@ CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(r
 # The CPU kernel under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
 # build, loaded through ROPE_EXT_LIBRARY, with libasan preloaded into Python (and
 # libstdc++ right after it, or ASan's __cxa_throw interceptor finds nothing to wrap).
+# The tests import rope_ext from the source tree; where no editable build has left its
+# rope_ext/_build_info.py there (CI builds a wheel instead), this build's goes there.
 SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py tests/test_autograd.py \
                   tests/test_fuzz.py tests/test_threads.py tests/test_cuda.py tests/test_any_position.py \
                   tests/test_func.py tests/test_norm_rope.py
 
-.PHONY: demo test build bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
+# What `make test` and `make bench-call` run against: `source`, the editable build in
+# $(VENV); or `wheel`, the wheel installed in $(VENV_WHEEL), tested from a copy of tests/
+# where the source tree's rope_ext/ is not importable. CI tests the wheel: the package users
+# install is what is tested, and it is built once (an editable build would be a second compile).
+TEST_FROM ?= $(if $(filter true 1,$(CI)),wheel,source)
+
+# The wheel: built with $(VENV)'s torch, or with ROPE_EXT_CUDA=1 with the CUDA build of
+# torch in $(VENV_CUDA) (the kernel compiled for TORCH_CUDA_ARCH_LIST). Each kind is built
+# in a folder of its own and copied to dist/.
+WHEEL_CUDA  := $(filter 1,$(ROPE_EXT_CUDA))
+WHEEL_VENV  := $(if $(WHEEL_CUDA),$(VENV_CUDA),$(VENV))
+WHEEL_BUILD := build/wheel-$(if $(WHEEL_CUDA),cuda,cpu)
+WHEEL_ENV    = $(if $(WHEEL_CUDA),CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)")
+PY_SOURCES  := $(filter-out rope_ext/_build_info.py,$(wildcard rope_ext/*.py))
+# A clean venv holding the torch the CPU wheel is built for and the test tools; no
+# build: the wheel goes in as a user would install it.
+VENV_WHEEL ?= .venv-wheel
+TEST_DEPS  := numpy pytest hypothesis transformers==5.18.0
+# Where the suite runs against the installed wheel: tests/, README.md (tests/test_readme.py
+# runs its code blocks) and pyproject.toml (pytest's settings), copied; no rope_ext/.
+WHEEL_TEST_DIR ?= build/wheel-test
+
+.PHONY: demo test test-wheel build wheel bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
-	@echo "make test   the test suite"
+	@echo "make test   the test suite (TEST_FROM=wheel: against the installed wheel; CI does this)"
+	@echo "make wheel  a binary wheel in dist/ (ROPE_EXT_CUDA=1: with the CUDA kernel)"
+	@echo "make test-wheel  the test suite against the wheel installed in a fresh venv"
 	@echo "make bench  the full CPU benchmark"
 	@echo "make cuda-build  compile the CUDA kernel with nvcc (no GPU needed)"
 	@echo "make sanitize    the CPU tests against an ASan + UBSan build"
@@ -54,8 +85,58 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 build: $(VENV)/.built
 
+ifeq ($(TEST_FROM),wheel)
+test: test-wheel
+else
 test: build
 	$(PY) -m pytest -q tests
+endif
+
+# A fresh build (no library left in build/lib.* by the other kind: build_ext would reuse a
+# library newer than its sources), then pip's own wheel build against the venv's torch.
+$(WHEEL_BUILD)/.built: $(WHEEL_VENV)/.deps $(SOURCES) $(PY_SOURCES) pyproject.toml
+	@$(if $(WHEEL_CUDA),test -n "$(CUDA_HOME)" || { echo "wheel: ROPE_EXT_CUDA=1 but nvcc not found; install the CUDA toolkit or set CUDA_HOME"; exit 1; })
+	@echo "==> building the rope_ext wheel against $$($(WHEEL_VENV)/bin/python -c 'import torch; print(torch.__version__)')$(if $(WHEEL_CUDA), for TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)) (a few minutes)"
+	rm -rf $(WHEEL_BUILD) build/lib.* build/temp.* build/bdist.*
+	$(WHEEL_ENV) $(WHEEL_VENV)/bin/python -m pip wheel --no-build-isolation --no-deps -q -w $(WHEEL_BUILD) .
+	mkdir -p dist && cp $(WHEEL_BUILD)/rope_ext-*.whl dist/
+	@touch $@
+
+wheel: $(WHEEL_BUILD)/.built
+	@cd $(WHEEL_BUILD) && ls -l rope_ext-*.whl | awk '{print "==> dist/" $$NF ", " $$5 " bytes"}'
+
+$(VENV_WHEEL)/.deps:
+	@echo "==> creating $(VENV_WHEEL) with $(TORCH_SPEC) and the test tools, for the wheel"
+	$(PYTHON) -m venv $(VENV_WHEEL)
+	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q --upgrade pip
+	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q "$(TORCH_SPEC)" $(TEST_DEPS)
+	@touch $@
+
+# --force-reinstall: a rebuilt wheel keeps its version; --no-deps, then pip check: torch
+# must be there already (pip would otherwise fetch one, not necessarily this build of it).
+$(VENV_WHEEL)/.installed: $(VENV_WHEEL)/.deps build/wheel-cpu/.built
+	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q --force-reinstall --no-deps build/wheel-cpu/rope_ext-*.whl
+	$(VENV_WHEEL)/bin/python -m pip check
+	@touch $@
+
+# The process that runs the suite imports rope_ext first, and it must come from the venv's
+# site-packages; the tests' subprocesses see the same sys.path (cwd: the copy, no rope_ext/).
+define WHEEL_TEST_PY
+import importlib.metadata, os, sys, sysconfig
+import pytest, rope_ext
+site = os.path.realpath(sysconfig.get_paths()["platlib"]) + os.sep
+for f in (rope_ext.__file__, sys.modules["rope_ext._C"].__file__):
+    assert os.path.realpath(f).startswith(site), f"{f} is not in {site}: not the installed wheel"
+print(f"==> testing the installed rope_ext {importlib.metadata.version('rope_ext')}: "
+      f"{rope_ext.__file__}", flush=True)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests"]))
+endef
+export WHEEL_TEST_PY
+
+test-wheel: $(VENV_WHEEL)/.installed
+	rm -rf $(WHEEL_TEST_DIR) && mkdir -p $(WHEEL_TEST_DIR)
+	cp -r tests README.md pyproject.toml $(WHEEL_TEST_DIR)/
+	cd $(WHEEL_TEST_DIR) && $(abspath $(VENV_WHEEL))/bin/python -c "$$WHEEL_TEST_PY"
 
 demo: build
 	$(PY) benchmarks/demo.py
@@ -72,8 +153,13 @@ bench: build $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_call.py
 
 # The per-call table alone (decode-sized input; ratios to torch.add in the same run).
+ifeq ($(TEST_FROM),wheel)
+bench-call: $(VENV_WHEEL)/.installed
+	$(VENV_WHEEL)/bin/python benchmarks/bench_call.py
+else
 bench-call: build
 	$(PY) benchmarks/bench_call.py
+endif
 
 $(VENV_CUDA)/.deps:
 	@echo "==> creating $(VENV_CUDA) with $(CUDA_TORCH_SPEC), the CUDA build (several GB, first run only)"
@@ -91,6 +177,7 @@ cuda-build: $(VENV_CUDA)/.deps
 sanitize: $(VENV)/.deps
 	@echo "==> building rope_ext with -fsanitize=address,undefined"
 	ROPE_EXT_CUDA=0 ROPE_EXT_SANITIZE=address,undefined $(PY) setup.py -q build_ext -b build/sanitize -t build/sanitize/tmp
+	test -f rope_ext/_build_info.py || cp build/sanitize/rope_ext/_build_info.py rope_ext/
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -114,4 +201,4 @@ gpu-wheels:
 	@ls -la .whl
 
 clean:
-	rm -rf build rope_ext/*.so rope_ext.egg-info $(VENV)/.built
+	rm -rf build dist rope_ext/*.so rope_ext.egg-info $(VENV)/.built $(VENV_WHEEL)/.installed

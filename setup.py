@@ -4,6 +4,10 @@ Install with `pip install --no-build-isolation .` (the Makefile does this):
 an isolated build would compile against a freshly downloaded torch, and the
 binary would then fail to load next to the torch you actually run.
 
+The version carries the torch (and CUDA) the binary is built for as a PEP 440
+local label: 0.1.0+torch2.13.cpu, 0.1.0+torch2.14.cu130 (see version() below);
+`make wheel` builds such a wheel into dist/.
+
 Knobs (environment variables):
   ROPE_EXT_CUDA=0/1     skip / require the CUDA kernel (default: built when the
                         installed torch is a CUDA build and nvcc is found)
@@ -19,6 +23,7 @@ Knobs (environment variables):
 import glob
 import os
 import platform
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -184,6 +189,28 @@ def extension():
     return cpp_extension.CUDAExtension(**kwargs)
 
 
+def torch_release():
+    """The installed torch's major.minor: the binary is built for that release alone (torch
+    keeps no C++ ABI across releases, even where a library happens to load)."""
+    import torch
+
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def version():
+    """rope_ext.__version__ plus the torch and CUDA the binary is built for, as a PEP 440
+    local label: 0.1.0+torch2.13.cpu, 0.1.0+torch2.14.cu130 (cpu: no CUDA kernel built)."""
+    import torch
+
+    try:
+        with open(os.path.join(HERE, "rope_ext", "__init__.py")) as f:
+            public = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+    except FileNotFoundError:  # setup.py and csrc/ alone, for build_ext (.ci/gpu_check.sh)
+        public = "0"
+    cuda = torch.version.cuda if want_cuda() else None
+    return f"{public}+torch{torch_release()}." + (f"cu{cuda.replace('.', '')}" if cuda else "cpu")
+
+
 def write_build_info(folder):
     """_build_info.py beside the built library: the torch (and CUDA) it is built against,
     which the import error names next to the torch it finds (a binary loads only beside
@@ -197,6 +224,10 @@ def write_build_info(folder):
 
 
 setup(
+    version=version(),
+    # The torch release the binary is built for: pip keeps a wheel away from any other
+    # (it cannot tell CUDA builds apart: the version's local label says which one).
+    install_requires=[f"torch=={torch_release()}.*"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=False)},
 )

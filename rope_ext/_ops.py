@@ -12,24 +12,46 @@ import torch
 # ROPE_EXT_LIBRARY points at another build of the library (a sanitizer build, say)
 # to load instead of the installed one; loading it registers the ops.
 _library = os.environ.get("ROPE_EXT_LIBRARY")
+
+
+def _built_for():
+    try:
+        from rope_ext._build_info import CUDA_VERSION, TORCH_VERSION
+    except ImportError:
+        return None, "an unknown torch (no rope_ext/_build_info.py)"
+    return TORCH_VERSION, f"torch {TORCH_VERSION}" + (f" (CUDA {CUDA_VERSION})" if CUDA_VERSION
+                                                      else "")
+
+
+def _found():
+    return f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda
+                                           else "")
+
+
+def _major_minor(version):
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+# torch's C++ ABI holds only within one minor release: a binary built for another one may
+# load and then fail in any call, so it is refused here, before it is loaded.
+_built_version, _built = _built_for()
+if _built_version is not None and _major_minor(_built_version) != _major_minor(torch.__version__):
+    raise ImportError(
+        f"rope_ext's compiled library was built against {_built} but this environment has "
+        f"{_found()}: a binary loads only beside the torch release it was built for. Install the "
+        "rope_ext built for this torch, or rebuild it here with `pip install --no-build-isolation .` "
+        "(or `make build`).")
+
 try:
     if _library:
         torch.ops.load_library(_library)
     else:
         from rope_ext import _C  # noqa: F401
 except (ImportError, OSError) as e:  # only on a broken or mismatched install
-    try:
-        from rope_ext._build_info import CUDA_VERSION, TORCH_VERSION
-
-        built = f"torch {TORCH_VERSION}" + (f" (CUDA {CUDA_VERSION})" if CUDA_VERSION else "")
-    except ImportError:
-        built = "an unknown torch (no rope_ext/_build_info.py)"
     raise ImportError(
-        f"rope_ext's compiled library was built against {built} but this environment has "
-        f"torch {torch.__version__}"
-        + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
-        + f", and it could not be loaded: {e}. A binary loads only beside the torch it was "
-        "built for: install the rope_ext built for this torch, or rebuild it here with "
+        f"rope_ext's compiled library was built against {_built} but this environment has "
+        f"{_found()}, and it could not be loaded: {e}. A binary loads only beside the torch it "
+        "was built for: install the rope_ext built for this torch, or rebuild it here with "
         "`pip install --no-build-isolation .` (or `make build`)."
     ) from e
 

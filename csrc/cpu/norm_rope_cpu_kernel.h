@@ -37,39 +37,6 @@ void load_row(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf, int64_t n)
   }
 }
 
-// load_row that also returns the sum of the squares of the n elements (the norm's
-// statistic, taken while the row passes through registers).
-template <typename scalar_t>
-opmath_t<scalar_t> load_row_squares(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf,
-                                    int64_t n) {
-  using T = opmath_t<scalar_t>;
-  using In = Block<scalar_t>;
-  using Out = Block<T>;
-  using V = typename In::V;
-  V acc(T(0));
-  if (sd != 1) {
-    load_row(x, sd, buf, n);
-    for (int64_t d = 0; d < n; d += Out::kSize) {
-      V lo, hi;
-      Out::load(buf + d, std::min(Out::kSize, n - d), lo, hi);
-      acc = acc + lo * lo + hi * hi;
-    }
-  } else {
-    for (int64_t d = 0; d < n; d += In::kSize) {
-      const int64_t m = std::min(In::kSize, n - d);
-      V lo, hi;
-      In::load(x + d, m, lo, hi);  // lanes past m are zero
-      acc = acc + lo * lo + hi * hi;
-      Out::store(buf + d, m, lo, hi);
-    }
-  }
-  T lanes[V::size()];
-  acc.store(lanes);
-  T sum = T(0);
-  for (int j = 0; j < V::size(); ++j) sum += lanes[j];
-  return sum;
-}
-
 // n elements of buf into y at stride sd, rounded as the rotation's stores round.
 template <typename scalar_t>
 void store_row(const opmath_t<scalar_t>* buf, scalar_t* y, int64_t sd, int64_t n) {
@@ -121,29 +88,73 @@ void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int6
   }
 }
 
-// One head from buf (the math type), times r * w, rotated into y; x[r:] stored scaled
-// but unrotated. At unit stride the scaling rides on the rotation's loads.
+// The sum of squares of n elements of x at stride sd (the norm's statistic).
 template <typename scalar_t>
-void rotate_from_buffer(const RopeProblem& p, opmath_t<scalar_t>* buf, scalar_t* y,
-                        int64_t stride_dim, int64_t head_dim, const opmath_t<scalar_t>* c,
-                        const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
-                        const opmath_t<scalar_t>* w) {
+opmath_t<scalar_t> sum_squares(const scalar_t* x, int64_t sd, int64_t n) {
   using T = opmath_t<scalar_t>;
-  using In = Block<T>;
+  if (sd != 1) {
+    T sum = T(0);
+    for (int64_t d = 0; d < n; ++d) sum += static_cast<T>(x[d * sd]) * static_cast<T>(x[d * sd]);
+    return sum;
+  }
+#if defined(ROPE_NATIVE_BF16)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // One instruction per 32 elements: bf16 products are exact in float32, summed in
+    // float32 (subnormal squares, below 2**-126, count as zero: they cannot move an rms).
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 32) {
+      const int64_t m = std::min<int64_t>(32, n - d);
+      const __mmask32 lanes = m == 32 ? ~__mmask32{0} : (__mmask32{1} << m) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi16(lanes, x + d);
+      acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(v), reinterpret_cast<__m512bh>(v));
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  using In = Block<scalar_t>;
+  using V = typename In::V;
+  V acc(T(0));
+  for (int64_t d = 0; d < n; d += In::kSize) {
+    V lo, hi;
+    In::load(x + d, std::min(In::kSize, n - d), lo, hi);  // lanes past n are zero
+    acc = acc + lo * lo + hi * hi;
+  }
+  return at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, acc);
+}
+
+// r[h] = inverse_rms(squares[h], count, eps) for h < n, a vector at a time (a division and
+// a square root per head would otherwise stall the loop over a token's heads).
+template <typename T>
+void inverse_rms_all(const T* squares, int64_t n, int64_t count, double eps, T* r) {
+  using V = Vectorized<T>;
+  const V e(static_cast<T>(eps)), one(T(1));
+  int64_t h = 0;
+  for (; h + V::size() <= n; h += V::size()) {
+    // As inverse_rms: a division by count (a product by 1/count may round differently).
+    const V mean = V::loadu(squares + h) / V(static_cast<T>(count));
+    (one / (mean + e).sqrt()).store(r + h);
+  }
+  for (; h < n; ++h) r[h] = inverse_rms(squares[h], count, eps);
+}
+
+// One head of x (unit stride; x's dtype or the math type), times r * w, rotated into y
+// (unit stride); x[r:] stored scaled but unrotated. The scaling rides on the rotation's
+// loads, and the stores bypass the cache when kStream (as the rotation's do).
+template <bool kStream, typename src_t, typename scalar_t>
+void scale_rotate_head(const RopeProblem& p, const src_t* x, scalar_t* y, int64_t head_dim,
+                       const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
+                       opmath_t<scalar_t> r, const opmath_t<scalar_t>* w) {
+  using T = opmath_t<scalar_t>;
+  using In = Block<src_t>;
+  using Weights = Block<T>;
   using Out = Block<scalar_t>;
   using V = typename Out::V;
-  if (stride_dim != 1) {
-    scale_row(buf, buf, r, w, head_dim);
-    rotate_head_strided(buf, 1, y, stride_dim, c, s, p.pairs, p.interleaved);
-    store_row(buf + 2 * p.pairs, y + 2 * p.pairs * stride_dim, stride_dim, head_dim - 2 * p.pairs);
-    return;
-  }
   const V vr(r);
-  // Elements [e, e + n) of buf, scaled.
+  // Elements [e, e + n) of x, scaled.
   const auto scaled = [&](int64_t e, int64_t n, V& lo, V& hi) {
     V w_lo, w_hi;
-    In::load(buf + e, n, lo, hi);
-    In::load(w + e, n, w_lo, w_hi);
+    In::load(x + e, n, lo, hi);
+    Weights::load(w + e, n, w_lo, w_hi);
     lo = lo * vr * w_lo;
     hi = hi * vr * w_hi;
   };
@@ -156,7 +167,7 @@ void rotate_from_buffer(const RopeProblem& p, opmath_t<scalar_t>* buf, scalar_t*
       auto [a, b] = at::vec::deinterleave2(lo, hi);
       rotate_pair(a, b, V::loadu(c + e / 2), V::loadu(s + e / 2));
       std::tie(lo, hi) = at::vec::interleave2(a, b);
-      Out::store(y + e, n, lo, hi);
+      Out::template put<kStream>(y + e, n, lo, hi);
     }
   } else {
     for (int64_t i = 0; i < pairs; i += Out::kSize) {
@@ -166,16 +177,82 @@ void rotate_from_buffer(const RopeProblem& p, opmath_t<scalar_t>* buf, scalar_t*
       scaled(pairs + i, n, b0, b1);
       rotate_pair(a0, b0, V::loadu(c + i), V::loadu(s + i));
       rotate_pair(a1, b1, V::loadu(c + i + Out::W), V::loadu(s + i + Out::W));
-      Out::store(y + i, n, a0, a1);
-      Out::store(y + pairs + i, n, b0, b1);
+      Out::template put<kStream>(y + i, n, a0, a1);
+      Out::template put<kStream>(y + pairs + i, n, b0, b1);
     }
   }
   for (int64_t e = rot; e < head_dim; e += Out::kSize) {
     const int64_t n = std::min(Out::kSize, head_dim - e);
     V lo, hi;
     scaled(e, n, lo, hi);
-    Out::store(y + e, n, lo, hi);
+    Out::template put<kStream>(y + e, n, lo, hi);
   }
+}
+
+// A token's half-split table with a per-head norm's weights folded in (the same weights
+// serve every head of the tensor): f = [c * w_lo, s * w_hi, s * w_lo, c * w_hi], pairs each,
+// so that a head's rotation of the normalized x takes no multiplication by w.
+template <typename T>
+void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    f[i] = c[i] * w[i];
+    f[pairs + i] = s[i] * w[pairs + i];
+    f[2 * pairs + i] = s[i] * w[i];
+    f[3 * pairs + i] = c[i] * w[pairs + i];
+  }
+}
+
+// A head of the per-head, half-split, unit-stride forward: y = R(x * r * w), with R and w
+// in the folded table f (fold_weights); the pass-through tail times r * w.
+template <bool kStream, typename scalar_t>
+void norm_rotate_head_folded(const RopeProblem& p, const scalar_t* x, scalar_t* y, int64_t head_dim,
+                             const opmath_t<scalar_t>* f, opmath_t<scalar_t> r,
+                             const opmath_t<scalar_t>* w) {
+  using T = opmath_t<scalar_t>;
+  using In = Block<scalar_t>;
+  using Table = Block<T>;
+  using Out = Block<scalar_t>;
+  using V = typename Out::V;
+  const V vr(r);
+  const int64_t pairs = p.pairs;
+  for (int64_t i = 0; i < pairs; i += Out::kSize) {
+    const int64_t n = std::min(Out::kSize, pairs - i);
+    V a0, a1, b0, b1, cwl0, cwl1, swh0, swh1, swl0, swl1, cwh0, cwh1;
+    In::load(x + i, n, a0, a1);
+    In::load(x + pairs + i, n, b0, b1);
+    Table::load(f + i, n, cwl0, cwl1);
+    Table::load(f + pairs + i, n, swh0, swh1);
+    Table::load(f + 2 * pairs + i, n, swl0, swl1);
+    Table::load(f + 3 * pairs + i, n, cwh0, cwh1);
+    a0 = a0 * vr;
+    a1 = a1 * vr;
+    b0 = b0 * vr;
+    b1 = b1 * vr;
+    Out::template put<kStream>(y + i, n, a0 * cwl0 - b0 * swh0, a1 * cwl1 - b1 * swh1);
+    Out::template put<kStream>(y + pairs + i, n, a0 * swl0 + b0 * cwh0, a1 * swl1 + b1 * cwh1);
+  }
+  for (int64_t e = 2 * pairs; e < head_dim; e += Out::kSize) {
+    const int64_t n = std::min(Out::kSize, head_dim - e);
+    V lo, hi, w_lo, w_hi;
+    In::load(x + e, n, lo, hi);
+    Table::load(w + e, n, w_lo, w_hi);
+    Out::template put<kStream>(y + e, n, lo * vr * w_lo, hi * vr * w_hi);
+  }
+}
+
+// One head of the forward: x (any stride) normalized by r, scaled by w, rotated into y.
+// At unit strides straight from x; otherwise through `scratch` (head_dim, math type).
+template <bool kStream, typename scalar_t>
+void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_sd, scalar_t* y,
+                      int64_t y_sd, int64_t head_dim, const opmath_t<scalar_t>* c,
+                      const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
+                      const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
+  if (x_sd == 1 && y_sd == 1) return scale_rotate_head<kStream>(p, x, y, head_dim, c, s, r, w);
+  load_row(x, x_sd, scratch, head_dim);
+  if (y_sd == 1) return scale_rotate_head<false>(p, scratch, y, head_dim, c, s, r, w);
+  scale_row(scratch, scratch, r, w, head_dim);
+  rotate_head_strided(scratch, 1, y, y_sd, c, s, p.pairs, p.interleaved);
+  store_row(scratch + 2 * p.pairs, y + 2 * p.pairs * y_sd, y_sd, head_dim - 2 * p.pairs);
 }
 
 // One head of y rotated (by the table row c, s) into buf, the math type; y[r:] copied.
@@ -200,51 +277,90 @@ inline int64_t largest_row(const RopeProblem& p) {
   return most;
 }
 
+// Outputs at least this large are written around the cache (as the rotation's are).
+constexpr int64_t kNormStreamBytes = int64_t{16} << 20;
+
+// Tokens [begin, end) of the forward: per token and tensor, the sums of squares (one
+// read), then each head normalized, scaled and rotated into the output (a second read
+// of the same bytes, from L1, and one write).
+template <bool kStream, typename scalar_t, typename table_t>
+void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t end,
+                              opmath_t<scalar_t>* c_buf, opmath_t<scalar_t>* s_buf,
+                              opmath_t<scalar_t>* squares, opmath_t<scalar_t>* rs,
+                              opmath_t<scalar_t>* scratch, opmath_t<scalar_t>* folded) {
+  using T = opmath_t<scalar_t>;
+  const RopeProblem& p = np.rope;
+  for (int64_t tok = begin; tok < end; ++tok) {
+    const int64_t b = tok / p.seq, s = tok % p.seq;
+    const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf, s_buf);
+    for (int i = 0; i < p.num_x; ++i) {
+      const HeadsDesc& h = p.x[i];
+      const NormDesc& nd = np.norm[i];
+      const T* scale = static_cast<const T*>(nd.scale);
+      const int64_t D = h.head_dim;
+      const scalar_t* in =
+          static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
+      scalar_t* out = static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+      T* rstd_out = static_cast<T*>(nd.rstd);
+      T squares_total = T(0);
+      for (int64_t head = 0; head < h.heads; ++head) {
+        squares[head] = sum_squares(in + head * h.in_stride_head, h.in_stride_dim, D);
+        squares_total += squares[head];
+      }
+      if (np.across_heads) {
+        const T r = inverse_rms(squares_total, h.heads * D, np.eps);
+        std::fill(rs, rs + h.heads, r);
+        if (rstd_out != nullptr) rstd_out[tok] = r;
+      } else {
+        inverse_rms_all(squares, h.heads, D, np.eps, rs);
+        if (rstd_out != nullptr) std::copy(rs, rs + h.heads, rstd_out + tok * h.heads);
+      }
+      const T* w = scale;
+      if (!np.across_heads && !p.interleaved && h.in_stride_dim == 1 && h.out_stride_dim == 1) {
+        fold_weights(c, sn, w, p.pairs, folded);
+        for (int64_t head = 0; head < h.heads; ++head) {
+          norm_rotate_head_folded<kStream>(p, in + head * h.in_stride_head,
+                                           out + head * h.out_stride_head, D, folded, rs[head], w);
+        }
+        continue;
+      }
+      for (int64_t head = 0; head < h.heads; ++head) {
+        norm_rotate_head<kStream>(p, in + head * h.in_stride_head, h.in_stride_dim,
+                                  out + head * h.out_stride_head, h.out_stride_dim, D, c, sn,
+                                  rs[head], scale + (np.across_heads ? head * D : 0), scratch);
+      }
+    }
+  }
+  if constexpr (kStream) stream_fence();
+}
+
 template <typename scalar_t, typename table_t>
 void norm_rope_forward(const NormRopeProblem& np) {
   using T = opmath_t<scalar_t>;
   const RopeProblem& p = np.rope;
   const int64_t tokens = p.batch * p.seq;
   const int64_t row = largest_row(p);
+  bool in_place = false;
+  for (int i = 0; i < p.num_x; ++i) in_place = in_place || p.x[i].in == p.x[i].out;
+  const bool stream =
+      !in_place && tokens * 2 * row * static_cast<int64_t>(sizeof(scalar_t)) >= kNormStreamBytes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (2 * row + 1));
   const int64_t padded =
       (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  const int64_t heads = std::max(p.x[0].heads, p.x[p.num_x - 1].heads);
+  const int64_t head_dim = std::max(p.x[0].head_dim, p.x[p.num_x - 1].head_dim);
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
-    c10::SmallVector<T, 1024> xbuf(row);
-    c10::SmallVector<T, 64> squares(std::max(p.x[0].heads, p.x[p.num_x - 1].heads));
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const int64_t b = tok / p.seq, s = tok % p.seq;
-      const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf.data(), s_buf.data());
-      for (int i = 0; i < p.num_x; ++i) {
-        const HeadsDesc& h = p.x[i];
-        const NormDesc& nd = np.norm[i];
-        const T* scale = static_cast<const T*>(nd.scale);
-        const int64_t D = h.head_dim;
-        const scalar_t* in =
-            static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
-        scalar_t* out =
-            static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
-        T* rstd_out = static_cast<T*>(nd.rstd);
-        T squares_total = T(0);
-        for (int64_t head = 0; head < h.heads; ++head) {
-          squares[head] = load_row_squares(in + head * h.in_stride_head, h.in_stride_dim,
-                                           xbuf.data() + head * D, D);
-          squares_total += squares[head];
-        }
-        const T r_all = inverse_rms(squares_total, h.heads * D, np.eps);
-        if (np.across_heads && rstd_out != nullptr) rstd_out[tok] = r_all;
-        for (int64_t head = 0; head < h.heads; ++head) {
-          T r = r_all;
-          if (!np.across_heads) {
-            r = inverse_rms(squares[head], D, np.eps);
-            if (rstd_out != nullptr) rstd_out[tok * h.heads + head] = r;
-          }
-          rotate_from_buffer(p, xbuf.data() + head * D, out + head * h.out_stride_head,
-                             h.out_stride_dim, D, c, sn, r,
-                             scale + (np.across_heads ? head * D : 0));
-        }
-      }
+    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0)), scratch(head_dim);
+    c10::SmallVector<T, 64> squares(heads), rs(heads);
+    c10::SmallVector<T, 512> folded(4 * p.pairs);
+    if (stream) {
+      norm_rope_forward_tokens<true, scalar_t, table_t>(np, begin, end, c_buf.data(), s_buf.data(),
+                                                        squares.data(), rs.data(), scratch.data(),
+                                                        folded.data());
+    } else {
+      norm_rope_forward_tokens<false, scalar_t, table_t>(np, begin, end, c_buf.data(), s_buf.data(),
+                                                         squares.data(), rs.data(), scratch.data(),
+                                                         folded.data());
     }
   });
 }
