@@ -194,11 +194,15 @@ void scale_rotate_head(const RopeProblem& p, const src_t* x, scalar_t* y, int64_
 // so that a head's rotation of the normalized x takes no multiplication by w.
 template <typename T>
 void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
-  for (int64_t i = 0; i < pairs; ++i) {
-    f[i] = c[i] * w[i];
-    f[pairs + i] = s[i] * w[pairs + i];
-    f[2 * pairs + i] = s[i] * w[i];
-    f[3 * pairs + i] = c[i] * w[pairs + i];
+  using V = Vectorized<T>;
+  for (int64_t i = 0; i < pairs; i += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), pairs - i);
+    const V cv = V::loadu(c + i, n), sv = V::loadu(s + i, n);
+    const V w_lo = V::loadu(w + i, n), w_hi = V::loadu(w + pairs + i, n);
+    (cv * w_lo).store(f + i, n);
+    (sv * w_hi).store(f + pairs + i, n);
+    (sv * w_lo).store(f + 2 * pairs + i, n);
+    (cv * w_hi).store(f + 3 * pairs + i, n);
   }
 }
 
