@@ -54,21 +54,6 @@ void store_row(const opmath_t<scalar_t>* buf, scalar_t* y, int64_t sd, int64_t n
   }
 }
 
-// Sum of a[i] * b[i], in vector lanes and then lane by lane: a fixed order.
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using V = Vectorized<T>;
-  V acc(T(0));
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(a + i) * V::loadu(b + i);
-  if (i < n) acc = acc + V::loadu(a + i, n - i) * V::loadu(b + i, n - i);
-  T lanes[V::size()];
-  acc.store(lanes);
-  T sum = T(0);
-  for (int j = 0; j < V::size(); ++j) sum += lanes[j];
-  return sum;
-}
-
 // y[i] = a[i] * s * w[i]
 template <typename T>
 void scale_row(T* y, const T* a, T s, const T* w, int64_t n) {
@@ -380,6 +365,7 @@ void norm_rope_backward(const NormRopeProblem& np) {
   at::parallel_for(0, np.groups, 1, [&](int64_t group_begin, int64_t group_end) {
     c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
     c10::SmallVector<T, 1024> ubuf(row), xbuf(row);
+    c10::SmallVector<T, 64> head_dots(std::max(p.x[0].heads, p.x[p.num_x - 1].heads));
     for (int64_t g = group_begin; g < group_end; ++g) {
       int64_t scale_size[2];
       T* partial[2];
@@ -407,47 +393,46 @@ void norm_rope_backward(const NormRopeProblem& np) {
           load_heads(
               static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch + s * nd.x_stride_seq,
               nd.x_stride_head, nd.x_stride_dim, h.heads, D, xbuf.data());
-          // n = x * rstd (in xbuf), then the scale's gradient += u * n, then dn = u * scale.
-          for (int64_t head = 0; head < h.heads; ++head) {
-            const T r = np.across_heads ? rstd[tok] : rstd[tok * h.heads + head];
-            T* xh = xbuf.data() + head * D;
-            for (int64_t d = 0; d < D; ++d) xh[d] *= r;
-          }
+          // One pass per head: n = x * rstd (into xbuf), the scale's gradient += u * n,
+          // dn = u * scale (into ubuf), and the head's sum of dn * n.
           using V = Vectorized<T>;
           for (int64_t head = 0; head < h.heads; ++head) {
-            T* acc = partial[i] + (np.across_heads ? head * D : 0);
-            const T* uh = ubuf.data() + head * D;
-            const T* xh = xbuf.data() + head * D;
-            int64_t d = 0;
-            for (; d + V::size() <= D; d += V::size()) {
-              (V::loadu(acc + d) + V::loadu(uh + d) * V::loadu(xh + d)).store(acc + d);
-            }
-            for (; d < D; ++d) acc[d] += uh[d] * xh[d];
-          }
-          for (int64_t head = 0; head < h.heads; ++head) {
+            const V r(np.across_heads ? rstd[tok] : rstd[tok * h.heads + head]);
+            const int64_t w0 = np.across_heads ? head * D : 0;
+            T* acc = partial[i] + w0;
+            const T* w = scale + w0;
             T* uh = ubuf.data() + head * D;
-            scale_row(uh, uh, T(1), scale + (np.across_heads ? head * D : 0), D);
+            T* xh = xbuf.data() + head * D;
+            V dots(T(0));
+            for (int64_t d = 0; d < D; d += V::size()) {
+              const int64_t m = std::min<int64_t>(V::size(), D - d);
+              const V u = V::loadu(uh + d, m), n = V::loadu(xh + d, m) * r;
+              const V dn = u * V::loadu(w + d, m);
+              (V::loadu(acc + d, m) + u * n).store(acc + d, m);
+              dots = dots + dn * n;  // lanes past m are zero
+              dn.store(uh + d, m);
+              n.store(xh + d, m);
+            }
+            head_dots[head] =
+                at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, dots);
           }
           scalar_t* out =
               static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
-          const auto finish = [&](int64_t head0, int64_t heads, T r) {
-            // grad_x = rstd * (dn - n * mean(dn * n)) over the normalized group
-            const int64_t m = heads * D;
-            T* dn = ubuf.data() + head0 * D;
-            const T* nn = xbuf.data() + head0 * D;
-            const T mean = dot(dn, nn, m) / static_cast<T>(m);
-            for (int64_t e = 0; e < m; ++e) dn[e] = r * (dn[e] - nn[e] * mean);
-            for (int64_t head = head0; head < head0 + heads; ++head) {
-              store_row(ubuf.data() + head * D, out + head * h.out_stride_head, h.out_stride_dim,
-                        D);
+          // grad_x = rstd * (dn - n * mean(dn * n)) over the normalized group.
+          T dot_all = T(0);
+          for (int64_t head = 0; head < h.heads; ++head) dot_all += head_dots[head];
+          for (int64_t head = 0; head < h.heads; ++head) {
+            const T r = np.across_heads ? rstd[tok] : rstd[tok * h.heads + head];
+            const T mean = np.across_heads ? dot_all / static_cast<T>(h.heads * D)
+                                           : head_dots[head] / static_cast<T>(D);
+            const V vr(r), vmean(mean);
+            T* dn = ubuf.data() + head * D;
+            const T* nn = xbuf.data() + head * D;
+            for (int64_t d = 0; d < D; d += V::size()) {
+              const int64_t m = std::min<int64_t>(V::size(), D - d);
+              (vr * (V::loadu(dn + d, m) - V::loadu(nn + d, m) * vmean)).store(dn + d, m);
             }
-          };
-          if (np.across_heads) {
-            finish(0, h.heads, rstd[tok]);
-          } else {
-            for (int64_t head = 0; head < h.heads; ++head) {
-              finish(head, 1, rstd[tok * h.heads + head]);
-            }
+            store_row(dn, out + head * h.out_stride_head, h.out_stride_dim, D);
           }
         }
       }
