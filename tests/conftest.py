@@ -1,4 +1,5 @@
-"""Shared test setup: deterministic seeding, and builders of sample inputs.
+"""Shared test setup: deterministic seeding, builders of sample inputs, and the devices a kernel
+test runs on (the float64 reference and the comparisons made with it are in reference.py).
 
 The builders return tensors laid out the ways callers really hold them: plain
 contiguous tensors, q/k slices of one fused qkv projection, [batch, heads, seq, head_dim]
@@ -6,6 +7,7 @@ tensors seen through .transpose(1, 2), and head_dim at a non-unit stride. Test m
 import them (`from conftest import build_x`); pytest puts tests/ on sys.path.
 """
 
+import contextlib
 import os
 import socket
 import time
@@ -33,8 +35,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _randn(shape, dtype):
-    return torch.randn(shape, dtype=torch.float64).to(dtype)
+def _randn(shape, dtype, generator=None):
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def user_shape(layout, batch, seq, heads, head_dim):
+    return {"bshd": (batch, seq, heads), "bhsd": (batch, heads, seq),
+            "thd": (seq, heads)}[layout] + (head_dim,)
 
 
 def op_view(x, layout):
@@ -49,41 +56,50 @@ class Sample:
     base: torch.Tensor   # the whole buffer x lives in (to check nothing else was written)
 
 
-def build_x(layout, storage, batch, seq, heads, head_dim, dtype=torch.float32):
+def build_x(layout, storage, batch, seq, heads, head_dim, dtype=torch.float32, generator=None,
+            offset=0):
     """One x of the given layout ("bshd", "bhsd", "thd") and storage:
     "contiguous"; "fused": heads [1, 1 + heads) of a buffer with heads + 2 heads per token (a k
-    slice of a fused qkv projection); "strided": every other element of a buffer twice as wide
-    in head_dim."""
+    slice of a fused qkv projection; bhsd: of a heads-major [b, h_total, s, d] buffer);
+    "fused_hf": the same, but bhsd as Hugging Face makes it (the bshd slice transposed);
+    "strided": every other element of a buffer twice as wide in head_dim, from `offset`;
+    "transposed": bshd from seq-major [s, b, h, d], bhsd from a contiguous [b, s, h, d], thd
+    from head-major [h, t, d]; "expand": batch and heads broadcast with zero strides."""
+    shape = user_shape(layout, batch, seq, heads, head_dim)
     lead = {"bshd": (batch, seq), "bhsd": (batch,), "thd": (seq,)}[layout]
+    randn = lambda shape: _randn(shape, dtype, generator)  # noqa: E731
     if storage == "contiguous":
-        shape = {"bshd": (batch, seq, heads), "bhsd": (batch, heads, seq),
-                 "thd": (seq, heads)}[layout] + (head_dim,)
-        base = _randn(shape, dtype)
-        x = base
-    elif storage == "fused":
-        total = heads + 2
-        if layout == "bhsd":  # a heads-major [b, h_total, s, d] buffer sliced on heads
-            base = _randn((batch, total, seq, head_dim), dtype)
-            x = base[:, 1:1 + heads]
-        else:  # a [.., (h_total * d)] projection output viewed per head, then sliced
-            base = _randn(lead + (total * head_dim,), dtype)
-            x = base.view(lead + (total, head_dim))[..., 1:1 + heads, :]
+        base = x = randn(shape)
+    elif storage == "fused" and layout == "bhsd":
+        base = randn((batch, heads + 2, seq, head_dim))
+        x = base[:, 1:1 + heads]
+    elif storage in ("fused", "fused_hf"):  # a [.., (h_total * d)] projection viewed per head
+        lead = (seq,) if layout == "thd" else (batch, seq)
+        base = randn(lead + ((heads + 2) * head_dim,))
+        x = base.view(lead + (heads + 2, head_dim))[..., 1:1 + heads, :]
+        x = x.transpose(1, 2) if layout == "bhsd" else x
     elif storage == "strided":
-        shape = {"bshd": (batch, seq, heads), "bhsd": (batch, heads, seq),
-                 "thd": (seq, heads)}[layout] + (2 * head_dim,)
-        base = _randn(shape, dtype)
-        x = base[..., ::2]
+        base = randn(shape[:-1] + (2 * head_dim,))
+        x = base[..., offset::2][..., :head_dim]
+    elif storage == "transposed":
+        base = randn({"bshd": (seq, batch, heads), "bhsd": (batch, seq, heads),
+                      "thd": (heads, seq)}[layout] + (head_dim,))
+        x = base.transpose(*{"bshd": (0, 1), "bhsd": (1, 2), "thd": (0, 1)}[layout])
+    elif storage == "expand":
+        base = randn((seq, 1, head_dim) if layout == "thd" else
+                     user_shape(layout, 1, seq, 1, head_dim))
+        x = base.expand(shape)
     else:
         raise ValueError(storage)
     return Sample(x, op_view(x, layout), base)
 
 
-def build_qkv(lead, hq, hk, head_dim, dtype=torch.float32, head_dim_k=None):
+def build_qkv(lead, hq, hk, head_dim, dtype=torch.float32, head_dim_k=None, generator=None):
     """q, k, v sliced out of one fused projection [*lead, (hq + 2 hk) * d], viewed per head.
     With head_dim_k, k and v get their own head size (q and k may differ, docs/api.md section 3)."""
     dk = head_dim if head_dim_k is None else head_dim_k
     width = hq * head_dim + 2 * hk * dk
-    base = _randn(tuple(lead) + (width,), dtype)
+    base = _randn(tuple(lead) + (width,), dtype, generator)
     q = base[..., :hq * head_dim].unflatten(-1, (hq, head_dim))
     k = base[..., hq * head_dim:hq * head_dim + hk * dk].unflatten(-1, (hk, dk))
     v = base[..., hq * head_dim + hk * dk:].unflatten(-1, (hk, dk))
@@ -116,6 +132,52 @@ def build_table(form, batch, seq, half, dtype=torch.float32, pos_dtype=torch.int
     tok_shape = {"tok_s": (seq,), "tok_bs": (batch, seq), "tok_1s": (1, seq)}[form]
     pick = torch.randint(0, rows, tok_shape)
     return cos[pick].to(dtype), sin[pick].to(dtype), None
+
+
+# --- devices: where a kernel test runs ---
+
+# "cpu": the CPU kernel; "cuda-host": the CUDA kernel's body run for every (block, thread) of
+# its grid by the host executor, on CPU tensors (docs/kernels.md); "cuda": the GPU.
+# ROPE_TEST_DEVICE narrows a run to one of them.
+ROPE_TEST_DEVICE = os.environ.get("ROPE_TEST_DEVICE")
+DEVICES = [ROPE_TEST_DEVICE] if ROPE_TEST_DEVICE else (
+    ["cpu", "cuda-host"] + (["cuda"] if torch.cuda.is_available() else []))
+
+
+def check_devices(devices):
+    """Called by the modules that run on DEVICES (a bad ROPE_TEST_DEVICE fails them only)."""
+    assert set(devices) <= {"cpu", "cuda-host", "cuda"}, f"ROPE_TEST_DEVICE={ROPE_TEST_DEVICE}"
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise RuntimeError("ROPE_TEST_DEVICE=cuda but torch sees no GPU")
+
+
+@contextlib.contextmanager
+def cpu_kernel(name):
+    """The CPU ops run the named kernel ("auto", "cuda-host", an ISA) inside."""
+    previous = torch.ops.rope_testing.set_cpu_kernel(name)
+    try:
+        yield
+    finally:
+        torch.ops.rope_testing.set_cpu_kernel(previous)
+
+
+def on_device(device):
+    """Selects the kernel of a device under test for the CPU ops (a context manager)."""
+    return cpu_kernel("cuda-host") if device == "cuda-host" else contextlib.nullcontext()
+
+
+def tdev(device):
+    """Where the tensors live for a device under test."""
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def to_dev(device, t):
+    """t on the device under test with the same strides and offset: a view of a copy of its
+    whole buffer (a copy on the CPU too, so the test's input stays untouched)."""
+    if t is None:
+        return None
+    base = t if t._base is None else t._base
+    return base.to(tdev(device), copy=True).as_strided(t.size(), t.stride(), t.storage_offset())
 
 
 def pytest_collection_modifyitems(config, items):

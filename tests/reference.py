@@ -1,4 +1,5 @@
-"""An independent float64 reference for RoPE, written from docs/math.md sections 1 to 5, 12 and 13.
+"""An independent float64 reference for RoPE (and the RMSNorm of the fused op), written from
+docs/math.md sections 1 to 5, 12, 13 and 15, and the comparisons the tests make with it.
 
 Nothing here imports rope_ext: the tests compare the library against this file, so a
 mistake shared by both would have to be made twice, independently.
@@ -63,6 +64,25 @@ def token_rows(x, cos, sin, positions=None):
     return c.unsqueeze(-2), s.unsqueeze(-2)
 
 
+def rotate(x, cos, sin, positions=None, interleaved=False):
+    """The rotation in x's dtype, out of place, with ATen ops only: differentiable, usable under
+    torch.func transforms and on any device (gradients of the float64 reference compositions).
+
+    Per pair (a, b): a' = a cos - b sin, b' = a sin + b cos; x[..., r:] is appended unchanged.
+    """
+    c, s = token_rows(x, cos, sin, positions)
+    c, s = c.to(x.dtype), s.to(x.dtype)
+    r = 2 * cos.shape[-1]
+    rot, tail = x[..., :r], x[..., r:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    else:
+        a, b = rot[..., :r // 2], rot[..., r // 2:]
+        out = torch.cat([a * c - b * s, a * s + b * c], -1)
+    return torch.cat([out, tail], -1)
+
+
 def rope(x, cos, sin, positions=None, interleaved=False, inverse=False):
     """The op's result computed in float64 (returned as float64, x's shape).
 
@@ -70,17 +90,29 @@ def rope(x, cos, sin, positions=None, interleaved=False, inverse=False):
     The table is used exactly as given (cast to float64), so table rounding is not
     counted as kernel error.
     """
-    c, s = token_rows(x, cos, sin, positions)
-    if inverse:
-        s = -s
-    rotary_dim = 2 * cos.shape[-1]
-    ia, ib = pair_slots(rotary_dim, interleaved)
-    x64 = x.double()
-    a, b = x64[..., ia], x64[..., ib]
-    out = x64.clone()
-    out[..., ia] = a * c - b * s
-    out[..., ib] = a * s + b * c
-    return out
+    sin = sin.double()
+    return rotate(x.double(), cos.double(), -sin if inverse else sin, positions, interleaved)
+
+
+# --- RMSNorm (docs/math.md section 15) ---
+
+
+def rms_norm(x, w, eps, across_heads=False, weight_offset=0.0):
+    """x / sqrt(mean(x**2) + eps) * (w + weight_offset) in float64, with ATen ops only (as
+    rotate); x as the op sees it, [b, s, h, d] or [t, h, d]. The mean runs over head_dim, or
+    over heads * head_dim of each token with across_heads (w then [heads * head_dim])."""
+    x = x.double()
+    g = x.flatten(-2) if across_heads else x
+    y = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + weight_offset)
+    return y.reshape(x.shape)
+
+
+def rms_rstd(x, eps, across_heads=False):
+    """1 / sqrt(mean(x**2) + eps) in float64: [.., heads], or [.., 1] across heads."""
+    x = x.double()
+    if across_heads:
+        return torch.rsqrt(x.flatten(-2).pow(2).mean(-1) + eps).unsqueeze(-1)
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
 
 
 def permute_evens_first(x, rotary_dim):
@@ -166,3 +198,64 @@ def ulp32(v):
     """The float32 spacing at |v| (v float64)."""
     f = v.abs().float()
     return (torch.nextafter(f, torch.full_like(f, math.inf)) - f).double()
+
+
+# --- bit-for-bit comparisons ---
+
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+        torch.bfloat16: torch.int16, torch.int64: torch.int64, torch.int32: torch.int32}
+
+
+def same_bits(a, b, strides=False):
+    """Same shape, dtype (and strides if asked) and the same bits in every element (so NaN
+    payloads and the sign of zero count)."""
+    return (a.shape == b.shape and a.dtype == b.dtype and (not strides or a.stride() == b.stride())
+            and torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype])))
+
+
+def assert_bit_identical(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
+    ia, ib = a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype])
+    if not torch.equal(ia, ib):
+        diff = (ia != ib).nonzero()
+        raise AssertionError(f"{what}: {len(diff)} elements differ in their bits, first at "
+                             f"{tuple(diff[0].tolist())}")
+
+
+# --- transformers' float32 inv_freq against ours (docs/math.md section 9) ---
+
+# transformers builds inv_freq in float32; ours is float64. They agree to the rounding
+# transformers' float32 arithmetic loses:
+# * the exponent 2i / r is rounded to float32 (exact when r is a power of two, off by up to
+#   half an ulp otherwise), which moves base ** (-2i / r) by ln(base) * |error| relative;
+# * each further float32 operation (pow, reciprocal, products, the yarn/llama3 blends) loses
+#   about half an ulp: together at most ULP_BUDGET relative (measured: at most 6.1 * 2**-24).
+ULP_BUDGET = 8 * 2.0**-24
+
+
+def hf_exponent_error(r):
+    """|fl32(2i / r) - 2i / r|: how far transformers' float32 exponent is from the exact one."""
+    exact = torch.arange(0, r, 2, dtype=torch.float64) / r
+    rounded = (torch.arange(0, r, 2, dtype=torch.int64).float() / r).double()
+    return (rounded - exact).abs()
+
+
+def hf_inv_freq_rel_bound(base, r):
+    """Relative distance allowed between transformers' float32 inv_freq and the exact one."""
+    return math.log(base) * hf_exponent_error(r) + ULP_BUDGET
+
+
+def assert_inv_freq_matches(ours, theirs, base, r):
+    """ours (float64) equals transformers' float32 vector up to its float32 rounding.
+
+    `base` is the base transformers raises to the float32 exponent (base' for dynamic).
+    """
+    assert ours.dtype == torch.float64 and ours.device.type == "cpu"
+    assert theirs.dtype == torch.float32
+    assert ours.shape == theirs.shape == (r // 2,)
+    rel = ((ours - theirs.double()) / theirs.double()).abs()
+    bound = hf_inv_freq_rel_bound(base, r)
+    worst = int((rel - bound).argmax())
+    assert (rel <= bound).all(), (
+        f"pair {worst}: ours {ours[worst].item()!r}, transformers {theirs[worst].item()!r}, "
+        f"relative difference {rel[worst].item():.3e} > bound {bound[worst].item():.3e}")

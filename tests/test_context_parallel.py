@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import rope_ext
 from conftest import run_ranks
+from reference import same_bits
 
 WORLD = 2
 DEADLINE_S = 50
@@ -88,11 +89,6 @@ def _forward_backward(q, k, wq, wk, cos, sin, pos, layout):
     return [qo.detach(), ko.detach(), gq, gk]
 
 
-def _same_bits(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
 def _check_scheme(rank, name, full_inputs, index, token_dim, cos, sin, layout):
     """Rotate this rank's shard; compare with the unsharded rows locally and, after all_gather,
     the reassembled whole."""
@@ -107,7 +103,7 @@ def _check_scheme(rank, name, full_inputs, index, token_dim, cos, sin, layout):
                               cos, sin, pos_shard, layout)
     names = ("q out", "k out", "grad q", "grad k")
     for n, got, want in zip(names, local, full):
-        assert _same_bits(got, shard(want)), f"rank {rank}, {name}: {n} differs from unsharded"
+        assert same_bits(got, shard(want)), f"rank {rank}, {name}: {n} differs from unsharded"
 
     # all_gather the shards and their token indices; rebuild the whole in token order.
     indices = [torch.empty_like(index) for _ in range(WORLD)]
@@ -122,7 +118,7 @@ def _check_scheme(rank, name, full_inputs, index, token_dim, cos, sin, layout):
         dist.all_gather(parts, bits)
         whole = torch.empty_like(torch.cat(parts, token_dim))
         whole.index_copy_(token_dim, order, torch.cat(parts, token_dim))
-        assert _same_bits(whole.view(got.dtype), want), \
+        assert same_bits(whole.view(got.dtype), want), \
             f"rank {rank}, {name}: reassembled {n} differs from unsharded"
 
 

@@ -1,5 +1,6 @@
-"""The CUDA kernel: the CPU matrix again through the CUDA kernel, against the float64
-reference and the CPU kernel.
+"""The CUDA kernel: the CPU matrix again through the CUDA kernel (tests/test_op.py's
+test_apply_matches_reference, collected here too), against the float64 reference and the CPU
+kernel; the launch plans, the host executor's checks, and what only a GPU has.
 
 ROPE_TEST_DEVICE picks where the CUDA kernel runs:
   cuda       on the GPU (the default when one is present);
@@ -13,6 +14,7 @@ are deselected (not skipped) without a GPU; every other test runs everywhere.
 """
 
 import contextlib
+import functools
 import os
 
 import pytest
@@ -20,7 +22,8 @@ import torch
 
 import reference as ref
 import rope_ext
-from conftest import STORAGES, X_DTYPES, build_qkv, build_table, build_x
+from conftest import X_DTYPES, build_qkv, build_table, cpu_kernel, to_dev
+from test_op import matrix, test_apply_matches_reference
 
 DEVICE = os.environ.get("ROPE_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cuda-host")
 assert DEVICE in ("cuda", "cuda-host", "cpu"), f"ROPE_TEST_DEVICE={DEVICE}: cuda, cuda-host or cpu"
@@ -41,14 +44,32 @@ def _setting(setter, value):
         setter(previous)
 
 
-def cpu_kernel(name):
-    """Runs the CPU ops with the named kernel ("auto", "cuda-host", an ISA) inside."""
-    return _setting(testing.set_cpu_kernel, name)
-
-
 def cuda_launch(config):
     """CUDA launches (GPU and host executor) plan with these thresholds inside."""
     return _setting(testing.set_cuda_launch, config)
+
+
+@pytest.fixture
+def device():
+    """The device test_apply_matches_reference runs on here."""
+    return DEVICE
+
+
+@pytest.fixture
+def sizes():
+    """(batch, seq, heads, tokens for thd) of test_apply_matches_reference here."""
+    return B, S, H, T
+
+
+def pytest_generate_tests(metafunc):
+    """tests/test_op.py's matrix through the CUDA kernel: head_dim 64 (the 16-byte vector path)
+    and 12 (r/2 = 3 or 6: the scalar path), the layouts with each kind of table."""
+    if metafunc.function is test_apply_matches_reference:
+        cases = [(lay, f, torch.int64 if f.startswith("pos") else None)
+                 for lay in ("bshd", "bhsd") for f in ("pos_bs", "pos_s", "rows", "tok_bs")]
+        matrix(metafunc, cases + [("thd", "pos_t", torch.int64)],
+               {"full-64": (64, 64), "partial-64": (64, 32), "full-12": (12, 12),
+                "partial-12": (12, 6)})
 
 
 @pytest.fixture(autouse=True)
@@ -76,42 +97,7 @@ HEAD_DIMS = pytest.mark.parametrize("head_dim", [64, 12])
 B, S, H, T = 2, 7, 3, 9
 
 
-def to_device(t):
-    """t on the device under test with the same strides and offset (a view of a copy of
-    its whole buffer: a copy also on the CPU, so the test's input stays untouched)."""
-    if t is None:
-        return None
-    base = t if t._base is None else t._base
-    moved = base.to(TENSOR_DEVICE, copy=True)
-    return moved.as_strided(t.size(), t.stride(), t.storage_offset())
-
-
-def _shape(layout):
-    return (None, T) if layout == "thd" else (B, S)
-
-
-@HEAD_DIMS
-@PAIRINGS
-@DTYPES
-@pytest.mark.parametrize("rotary", ["full", "partial"])
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("layout,form", [(lay, f) for lay in ("bshd", "bhsd")
-                                         for f in ("pos_bs", "pos_s", "rows", "tok_bs")]
-                         + [("thd", "pos_s")])
-def test_matches_reference_and_cpu(layout, form, storage, rotary, dtype, interleaved, head_dim):
-    r = head_dim if rotary == "full" else head_dim // 2 - (head_dim // 2) % 2
-    batch, seq = _shape(layout)
-    sample = build_x(layout, storage, batch or 0, seq, H, head_dim, dtype)
-    cos, sin, pos = build_table(form, batch, seq, r // 2)
-    x_dev = to_device(sample.op)
-    out = ops.apply(x_dev, to_device(cos), to_device(sin), to_device(pos), interleaved, False)
-    assert out.device.type == TENSOR_DEVICE and out.shape == x_dev.shape and out.dtype == dtype
-    expected = ref.rope(sample.op, cos.double(), sin.double(), pos, interleaved)
-    ref.assert_pairs_close(out.cpu(), expected, sample.op, r, interleaved)
-    cpu = cpu_kernel_result(ops.apply, sample.op, cos, sin, pos, interleaved, False)
-    # The same formula in the same precision; the CPU kernel may contract into FMAs.
-    torch.testing.assert_close(out.cpu().double(), cpu.double(),
-                               rtol=ref.PAIR_TOL[dtype] * 4, atol=ref.PAIR_TOL[dtype] * 4)
+to_device = functools.partial(to_dev, DEVICE)
 
 
 @HEAD_DIMS

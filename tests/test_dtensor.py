@@ -17,15 +17,11 @@ import torch.distributed as dist
 
 import rope_ext
 from conftest import run_ranks
+from reference import same_bits
 
 WORLD = 2
 DEADLINE_S = 120
 B, S, HQ, HK, D, R, P = 2, 8, 4, 2, 16, 12, 32
-
-
-def _same_bits(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def _inputs(dtype):
@@ -61,9 +57,9 @@ def _check_placements(mesh, dtype):
         # functional, forward
         got = rope_ext.apply_rope_qk(dq, dk, dcos, dsin, dpos)
         for g, e in zip(got, expected):
-            assert _same_bits(g.full_tensor(), e), f"{name} {dtype}: forward differs"
+            assert same_bits(g.full_tensor(), e), f"{name} {dtype}: forward differs"
         single = rope_ext.apply_rope(dq, dcos, dsin, dpos, interleaved=True)
-        assert _same_bits(single.full_tensor(),
+        assert same_bits(single.full_tensor(),
                           rope_ext.apply_rope(q, cos, sin, p, interleaved=True)), name
         # backward
         lq = dq.detach().requires_grad_()
@@ -84,7 +80,7 @@ def _check_placements(mesh, dtype):
         rope_ext.apply_rope_qk(iq, ik, dcos, dsin, dpos, inplace=True)
         assert iq.placements == dq.placements, f"{name}: in place changed the placement"
         for g, e in zip((iq, ik), expected):
-            assert _same_bits(g.full_tensor(), e), f"{name} {dtype}: in place differs"
+            assert same_bits(g.full_tensor(), e), f"{name} {dtype}: in place differs"
 
 
 def _check_norm_rope_placements(mesh):
@@ -118,11 +114,11 @@ def _check_norm_rope_placements(mesh):
                                                distribute_tensor(pos, mesh, [pp]),
                                                q_weight=lwq, k_weight=lwk, across_heads=across)
             assert qo.placements == (xp,), f"{what}: placement {qo.placements}"
-            assert _same_bits(qo.full_tensor(), eq.detach()), f"{what}: q forward differs"
-            assert _same_bits(ko.full_tensor(), ek.detach()), f"{what}: k forward differs"
+            assert same_bits(qo.full_tensor(), eq.detach()), f"{what}: q forward differs"
+            assert same_bits(ko.full_tensor(), ek.detach()), f"{what}: k forward differs"
             (qo.square().sum() + (ko * 3).sum()).backward()
-            assert _same_bits(lq.grad.full_tensor(), rq.grad), f"{what}: grad q differs"
-            assert _same_bits(lk.grad.full_tensor(), rk.grad), f"{what}: grad k differs"
+            assert same_bits(lq.grad.full_tensor(), rq.grad), f"{what}: grad q differs"
+            assert same_bits(lk.grad.full_tensor(), rk.grad), f"{what}: grad k differs"
             for got, want in ((lwq.grad, rwq.grad), (lwk.grad, rwk.grad)):
                 torch.testing.assert_close(got.full_tensor(), want, rtol=1e-5, atol=1e-5,
                                            msg=lambda m: f"{what}: weight grad: {m}")

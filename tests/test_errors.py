@@ -7,11 +7,14 @@ ranks, values, devices, layout, rope_type, missing scaling keys, out-of-range po
 overlapping in-place tensors raise ValueError. Every check matches the argument's name as a
 whole word in the message.
 
+The four ops share one argument check (csrc/rope_adapter.cpp), so test_rejected_at_op tries
+every bad value of a kind once, at torch.ops.rope.apply (apply_qk for what concerns k), and
+test_propagates sends the first value of each kind through every entry point (the other ops,
+apply_rope and apply_rope_qk in place or not, RotaryEmbedding.forward), which must pass it on.
+
 Cases that could take the interpreter down if a check were missing (positions outside the
 table, in-place writes through overlapping or zero strides) run in one child interpreter
 (`_isolated`), so that a segfault fails those tests instead of killing pytest.
-
-Self-contained: helpers live here, not in conftest.py / reference.py.
 """
 
 import json
@@ -25,21 +28,26 @@ from pathlib import Path
 import pytest
 import torch
 
+import reference as ref
 import rope_ext
 
 ops = torch.ops.rope
 
 REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 
 B, S, H, D = 2, 4, 3, 8   # batch, seq, heads, head_dim
 HALF = 4                  # r / 2: the table has HALF columns, r = 8 = D
 P = 16                    # table rows
 
+OPS = ("op.apply", "op.apply_", "op.apply_qk", "op.apply_qk_")
 SINGLE = ("op.apply", "op.apply_", "apply_rope", "apply_rope[inplace]")
 PAIR = ("op.apply_qk", "op.apply_qk_", "apply_rope_qk", "apply_rope_qk[inplace]")
 ENTRIES = SINGLE + PAIR              # every entry point that takes cos/sin
 ALL_ENTRIES = ENTRIES + ("module",)  # ... plus RotaryEmbedding.forward (its own table)
 QK_ENTRIES = PAIR + ("module",)
+WRAPPERS = ("apply_rope", "apply_rope[inplace]", "apply_rope_qk", "apply_rope_qk[inplace]",
+            "module")
 
 
 def table(rows=P, half=HALF, dtype=torch.float32):
@@ -97,112 +105,135 @@ def arange_pos(dtype=torch.int64):
 
 
 def reference(x, cos, sin, positions=None, interleaved=False):
-    """float64 rotation of x [B, S, H, d] by a [P, half] table (positions None: row s)."""
-    xd = x.double()
-    half = cos.size(-1)
-    r = 2 * half
-    if positions is None:
-        c = cos[:x.size(1)].double()[None, :, None, :]
-        s = sin[:x.size(1)].double()[None, :, None, :]
-    else:
-        pos = positions.long()
-        if pos.dim() == 1:
-            pos = pos[None]
-        c = cos.double()[pos][:, :, None, :]
-        s = sin.double()[pos][:, :, None, :]
-    if interleaved:
-        x1, x2 = xd[..., 0:r:2], xd[..., 1:r:2]
-    else:
-        x1, x2 = xd[..., :half], xd[..., half:r]
-    o1 = x1 * c - x2 * s
-    o2 = x2 * c + x1 * s
-    out = xd.clone()
-    if interleaved:
-        out[..., 0:r:2], out[..., 1:r:2] = o1, o2
-    else:
-        out[..., :half], out[..., half:r] = o1, o2
-    return out.to(x.dtype)
+    """tests/reference.py's float64 rotation, rounded to x's dtype."""
+    return ref.rope(x, cos, sin, positions, interleaved).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# dtypes: TypeError
+# Argument checks: every value at the op, the first value of each kind through every entry point.
+# kind: (exception type(s), the argument the message names (a name, a function of the entry
+# point, or a regex), the entry points that take it, the bad values, call()'s kwargs for one).
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
-                                   torch.complex64])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_non_float_x(entry, dtype):
-    x = torch.ones(B, S, H, D).to(dtype)
-    with pytest.raises(TypeError, match=word(xname(entry))):
-        call(entry, x)
+META_EXC = (ValueError, RuntimeError, NotImplementedError)
+NOT_MODULE = ENTRIES  # the module builds its own table: cos/sin cases do not apply to it
+Q_AND_K = r"\bk\b.*\bq\b|\bq\b.*\bk\b"
+K_HEAD_DIM = r"\bhead_dim\b.*(\bk\b|\bk's\b)|(\bk\b|\bk's\b).*\bhead_dim\b"
 
 
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_non_float_x_thd(entry):
-    x = torch.ones(S, H, D, dtype=torch.int32)
-    with pytest.raises(TypeError, match=word(xname(entry))):
-        call(entry, x, positions=torch.arange(S))
+def _tables(shape):
+    return dict(cos=torch.ones(shape), sin=torch.ones(shape))
 
 
-@pytest.mark.parametrize("pos_dtype", [torch.float32, torch.float64, torch.bool, torch.int16,
-                                       torch.uint8])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_positions_dtype(entry, pos_dtype):
-    positions = torch.zeros(B, S).to(pos_dtype)
-    with pytest.raises(TypeError, match=word("positions")):
-        call(entry, x4(), positions=positions)
+KINDS = {
+    # dtypes: TypeError
+    "non_float_x": (TypeError, xname, ALL_ENTRIES,
+                    [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, "thd"],
+                    lambda v: dict(x=torch.ones(S, H, D, dtype=torch.int32),
+                                   positions=torch.arange(S)) if v == "thd" else
+                    dict(x=torch.ones(B, S, H, D).to(v))),
+    "positions_dtype": (TypeError, "positions", ALL_ENTRIES,
+                        [torch.float32, torch.float64, torch.bool, torch.int16, torch.uint8],
+                        lambda v: dict(x=x4(), positions=torch.zeros(B, S).to(v))),
+    "table_dtype": (TypeError, "cos", NOT_MODULE,
+                    [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                     (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                     (torch.float16, torch.int32), (torch.float32, torch.int64),
+                     (torch.float32, torch.bool), (torch.float32, torch.complex64)],
+                    lambda v: dict(x=x4(v[0]), cos=table()[0].to(v[1]), sin=table()[1].to(v[1]),
+                                   positions=arange_pos())),
+    "cos_sin_dtype_mismatch": (TypeError, "sin", NOT_MODULE,
+                               [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                (torch.float16, torch.float32)],
+                               lambda v: dict(x=x4(torch.float16), cos=table()[0].to(v[0]),
+                                              sin=table()[1].to(v[1]), positions=arange_pos())),
+    "q_k_dtype_mismatch": (TypeError, "k", QK_ENTRIES,
+                           [(torch.float32, torch.float16), (torch.bfloat16, torch.float16),
+                            (torch.float32, torch.float64), (torch.float32, torch.int64)],
+                           lambda v: dict(x=x4(v[0]), k=x4().to(v[1]), positions=arange_pos())),
+    # ranks and shapes: ValueError
+    "x_rank": (ValueError, xname, ALL_ENTRIES, [(S * H, D), (D,), (1, B, S, H, D), (B, S, H, D, 1)],
+               lambda v: dict(x=torch.randn(v), layout="bshd")),
+    "k_rank": (ValueError, "k", QK_ENTRIES, [(S, D), (B, S, H, D, 1)],
+               lambda v: dict(x=x4(), k=torch.randn(v))),
+    "cos_rank": (ValueError, "cos", NOT_MODULE,
+                 [(s, p) for s in [(HALF,), (1, 1, P, HALF), (), (B, S, 1, HALF)]
+                  for p in (False, True)],
+                 lambda v: dict(x=x4(), **_tables(v[0]), positions=arange_pos() if v[1] else None)),
+    "cos_sin_shape_mismatch": (ValueError, "sin", NOT_MODULE,
+                               [((P, HALF), (P, HALF - 1)), ((P, HALF), (P - 1, HALF)),
+                                ((P, HALF), (1, P, HALF)), ((B, S, HALF), (1, S, HALF))],
+                               lambda v: dict(x=x4(), cos=torch.ones(v[0]), sin=torch.ones(v[1]))),
+    "rotary_dim_exceeds_head_dim": (ValueError, "head_dim", NOT_MODULE, [False, True],
+                                    lambda v: dict(x=x4(), cos=table(half=D // 2 + 1)[0],
+                                                   sin=table(half=D // 2 + 1)[1],
+                                                   positions=arange_pos() if v else None)),
+    # q holds r, k's head_dim is smaller: the message must point at k.
+    "rotary_dim_exceeds_k_head_dim": (ValueError, K_HEAD_DIM, PAIR, [D - 2],
+                                      lambda v: dict(x=x4(), k=torch.randn(B, S, 1, v),
+                                                     positions=arange_pos())),
+    "per_token_table_shape": (ValueError, "cos", NOT_MODULE,
+                              [(B + 1, S, HALF), (B, S + 1, HALF), (B, S - 1, HALF),
+                               (1, S + 1, HALF), (B, 1, HALF)],
+                              lambda v: dict(x=x4(), **_tables(v))),
+    "table_shorter_than_seq": (ValueError, "cos", NOT_MODULE, [S - 1],
+                               lambda v: dict(x=x4(), cos=table(rows=v)[0], sin=table(rows=v)[1])),
+    "positions_shape": (ValueError, "positions", ALL_ENTRIES,
+                        [(B, S + 1), (B, S, 1), (1, B, S), (B + 1, S), (S + 1,), (S - 1,),
+                         (B * S,), (0,), (1,), ()],
+                        lambda v: dict(x=x4(), positions=torch.zeros(v, dtype=torch.int64))),
+    "positions_shape_thd": (ValueError, "positions", ALL_ENTRIES,
+                            [(S + 1,), (S - 1,), (1, S), (S, 1), ()],
+                            lambda v: dict(x=torch.randn(S, H, D),
+                                           positions=torch.zeros(v, dtype=torch.int32))),
+    "thd_without_positions": (ValueError, "positions", ALL_ENTRIES, [None],
+                              lambda v: dict(x=torch.randn(S, H, D))),
+    # [S, HALF] reads as a table of S rows, [1, S, HALF] as per-token rows: thd needs positions.
+    "thd_per_token_table_without_positions": (ValueError, "positions", NOT_MODULE,
+                                              [(1, S, HALF), (S, HALF)],
+                                              lambda v: dict(x=torch.randn(S, H, D), **_tables(v))),
+    "per_token_table_with_positions": (ValueError, "positions", NOT_MODULE,
+                                       [(B, S, HALF), (1, S, HALF), (1, P, HALF)],
+                                       lambda v: dict(x=x4(), **_tables(v),
+                                                      positions=arange_pos())),
+    # (the wrappers' rank check sees a 3-D k first, for layout bshd: k_rank)
+    "q_k_token_dims_differ": (ValueError, Q_AND_K, QK_ENTRIES,
+                              [(B + 1, S, H, D), (B, S + 1, H, D), (1, S, H, D), (B, 1, H, D),
+                               (S, H, D), "thd"],
+                              lambda v: dict(x=torch.randn(S, H, D), k=torch.randn(S + 1, H, D),
+                                             positions=torch.arange(S)) if v == "thd" else
+                              dict(x=x4(), k=torch.randn(v))),
+    # devices (all of them at the op: test_meta_mixed_with_cpu)
+    "meta_positions": (META_EXC, "positions", NOT_MODULE, [None],
+                       lambda v: dict(x=x4(), positions=arange_pos().to("meta"))),
+    "meta_k": (META_EXC, "k", QK_ENTRIES, [None],
+               lambda v: dict(x=x4(), k=x4().to("meta"), positions=arange_pos())),
+}
 
 
-@pytest.mark.parametrize("x_dtype,table_dtype", [
-    (torch.bfloat16, torch.float16),   # fp16 table with bf16 x
-    (torch.float16, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.float32, torch.bfloat16),
-    (torch.float16, torch.int32),
-    (torch.float32, torch.int64),
-    (torch.float32, torch.bool),
-    (torch.float32, torch.complex64),
-])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_table_dtype(entry, x_dtype, table_dtype):
-    cos, sin = table()
-    with pytest.raises(TypeError, match=word("cos")):
-        call(entry, x4(x_dtype), cos.to(table_dtype), sin.to(table_dtype), arange_pos())
+def _expect_raises(kind, entry, value):
+    exc, name, _, _, make = KINDS[kind]
+    pattern = word(name(entry)) if callable(name) else name if "\\" in name else word(name)
+    with pytest.raises(exc, match=pattern):
+        call(entry, **make(value))
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("kind,value", [(k, v) for k, spec in KINDS.items() for v in spec[3]])
+def test_rejected_at_op(kind, value):
+    _expect_raises(kind, "op.apply" if "op.apply" in KINDS[kind][2] else "op.apply_qk", value)
+
+
+@pytest.mark.parametrize("entry,kind", [(e, k) for k, spec in KINDS.items() for e in spec[2]])
+def test_propagates(entry, kind):
+    _expect_raises(kind, entry, KINDS[kind][3][0])
+
+
+@pytest.mark.parametrize("entry", OPS)
 def test_table_dtype_allowed(entry):
-    # float32, float64 and x's own dtype are accepted (the contrast to test_table_dtype).
+    # float32, float64 and x's own dtype are accepted (the contrast to table_dtype).
     for t_dtype in (torch.float32, torch.float64, torch.bfloat16):
         cos, sin = table()
         call(entry, x4(torch.bfloat16), cos.to(t_dtype), sin.to(t_dtype), arange_pos())
-
-
-@pytest.mark.parametrize("cos_dtype,sin_dtype", [(torch.float32, torch.float64),
-                                                 (torch.float64, torch.float32),
-                                                 (torch.float16, torch.float32)])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_cos_sin_dtype_mismatch(entry, cos_dtype, sin_dtype):
-    cos, sin = table()
-    x = x4(torch.float16)
-    with pytest.raises(TypeError, match=word("sin")):
-        call(entry, x, cos.to(cos_dtype), sin.to(sin_dtype), arange_pos())
-
-
-@pytest.mark.parametrize("q_dtype,k_dtype", [(torch.float32, torch.float16),
-                                             (torch.bfloat16, torch.float16),
-                                             (torch.float32, torch.float64)])
-@pytest.mark.parametrize("entry", QK_ENTRIES)
-def test_q_k_dtype_mismatch(entry, q_dtype, k_dtype):
-    with pytest.raises(TypeError, match=word("k")):
-        call(entry, x4(q_dtype), k=x4(k_dtype), positions=arange_pos())
-
-
-@pytest.mark.parametrize("entry", QK_ENTRIES)
-def test_integer_k(entry):
-    with pytest.raises(TypeError, match=word("k")):
-        call(entry, x4(), k=torch.ones(B, S, H, D, dtype=torch.int64), positions=arange_pos())
 
 
 @pytest.mark.parametrize("bad", [[[1.0] * D], 3.0, None])
@@ -216,145 +247,11 @@ def test_apply_rope_x_not_a_tensor(bad):
         rope_ext.apply_rope_qk(x4(), bad, cos, sin)
 
 
-# ---------------------------------------------------------------------------------------------
-# ranks and shapes: ValueError
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(S * H, D), (D,), (1, B, S, H, D), (B, S, H, D, 1)])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_x_rank(entry, shape):
-    with pytest.raises(ValueError, match=word(xname(entry))):
-        call(entry, torch.randn(shape), layout="bshd")
-
-
-@pytest.mark.parametrize("shape", [(S, D), (B, S, H, D, 1)])
-@pytest.mark.parametrize("entry", QK_ENTRIES)
-def test_k_rank(entry, shape):
-    with pytest.raises(ValueError, match=word("k")):
-        call(entry, x4(), k=torch.randn(shape))
-
-
-@pytest.mark.parametrize("cos_shape", [(HALF,), (1, 1, P, HALF), (), (B, S, 1, HALF)])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_cos_rank(entry, cos_shape):
-    cos = torch.ones(cos_shape)
-    with pytest.raises(ValueError, match=word("cos")):
-        call(entry, x4(), cos, cos.clone())
-    with pytest.raises(ValueError, match=word("cos")):
-        call(entry, x4(), cos, cos.clone(), arange_pos())
-
-
-@pytest.mark.parametrize("cos_shape,sin_shape", [((P, HALF), (P, HALF - 1)),
-                                                 ((P, HALF), (P - 1, HALF)),
-                                                 ((P, HALF), (1, P, HALF)),
-                                                 ((B, S, HALF), (1, S, HALF))])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_cos_sin_shape_mismatch(entry, cos_shape, sin_shape):
-    with pytest.raises(ValueError, match=word("sin")):
-        call(entry, x4(), torch.ones(cos_shape), torch.ones(sin_shape))
-
-
-@pytest.mark.parametrize("with_positions", [False, True])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_rotary_dim_exceeds_head_dim(entry, with_positions):
-    cos, sin = table(half=D // 2 + 1)  # r = D + 2 > head_dim
-    with pytest.raises(ValueError, match=word("head_dim")):
-        call(entry, x4(), cos, sin, arange_pos() if with_positions else None)
-
-
-@pytest.mark.parametrize("entry", ("op.apply_qk", "op.apply_qk_", "apply_rope_qk",
-                                   "apply_rope_qk[inplace]"))
-def test_rotary_dim_exceeds_k_head_dim(entry):
-    # q holds r, k's head_dim is smaller: the message must point at k.
-    cos, sin = table(half=D // 2)
-    k = torch.randn(B, S, 1, D - 2)
-    with pytest.raises(ValueError, match=word("head_dim")) as info:
-        call(entry, x4(), cos, sin, arange_pos(), k=k)
-    assert re.search(word("k") + "|" + word("k's"), str(info.value)), str(info.value)
-
-
-@pytest.mark.parametrize("cos_shape", [(B + 1, S, HALF), (B, S + 1, HALF), (B, S - 1, HALF),
-                                       (1, S + 1, HALF), (B, 1, HALF)])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_per_token_table_shape(entry, cos_shape):
-    cos = torch.ones(cos_shape)
-    with pytest.raises(ValueError, match=word("cos")):
-        call(entry, x4(), cos, cos.clone())
-
-
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_table_shorter_than_seq_without_positions(entry):
-    cos, sin = table(rows=S - 1)
-    with pytest.raises(ValueError, match=word("cos")):
-        call(entry, x4(), cos, sin)
-
-
 def test_module_seq_longer_than_max_positions_is_no_error():
     # max_positions is a size hint: a longer sequence grows the table (test_any_position.py).
     rope = rope_ext.RotaryEmbedding(D, max_positions=S - 1)
     q, k = rope(x4(), x4())
     assert q.shape == x4().shape and rope.cos.shape[0] == S
-
-
-@pytest.mark.parametrize("pos_shape", [(B, S, 1), (1, B, S), (B, S + 1), (B + 1, S), (S + 1,),
-                                       (S - 1,), (B * S,), (0,), (1,), ()])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_positions_shape(entry, pos_shape):
-    positions = torch.zeros(pos_shape, dtype=torch.int64)
-    with pytest.raises(ValueError, match=word("positions")):
-        call(entry, x4(), positions=positions)
-
-
-@pytest.mark.parametrize("pos_shape", [(S + 1,), (S - 1,), (1, S), (S, 1), ()])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_positions_shape_thd(entry, pos_shape):
-    positions = torch.zeros(pos_shape, dtype=torch.int32)
-    with pytest.raises(ValueError, match=word("positions")):
-        call(entry, torch.randn(S, H, D), positions=positions)
-
-
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
-def test_thd_without_positions(entry):
-    with pytest.raises(ValueError, match=word("positions")):
-        call(entry, torch.randn(S, H, D))
-
-
-@pytest.mark.parametrize("cos_shape", [(S, HALF), (1, S, HALF)])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_thd_per_token_table_without_positions(entry, cos_shape):
-    # [S, HALF] reads as a table of S rows, [1, S, HALF] as per-token rows: thd needs positions.
-    cos = torch.ones(cos_shape)
-    with pytest.raises(ValueError, match=word("positions")):
-        call(entry, torch.randn(S, H, D), cos, cos.clone())
-
-
-@pytest.mark.parametrize("cos_shape", [(B, S, HALF), (1, S, HALF), (1, P, HALF)])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_per_token_table_with_positions(entry, cos_shape):
-    cos = torch.ones(cos_shape)
-    with pytest.raises(ValueError, match=word("positions")):
-        call(entry, x4(), cos, cos.clone(), arange_pos())
-
-
-@pytest.mark.parametrize("k_shape", [(B + 1, S, H, D), (B, S + 1, H, D), (1, S, H, D),
-                                     (B, 1, H, D), (S, H, D)])
-@pytest.mark.parametrize("entry", QK_ENTRIES)
-def test_q_k_token_dims_differ(entry, k_shape):
-    if entry == "module" or entry.startswith("apply_rope"):
-        if len(k_shape) == 3:  # the wrapper sees the wrong rank for layout bshd first
-            with pytest.raises(ValueError, match=word("k")):
-                call(entry, x4(), k=torch.randn(k_shape))
-            return
-    with pytest.raises(ValueError, match=word("k")) as info:
-        call(entry, x4(), k=torch.randn(k_shape))
-    assert re.search(word("q"), str(info.value)), str(info.value)
-
-
-@pytest.mark.parametrize("entry", ("op.apply_qk", "op.apply_qk_"))
-def test_q_k_token_dims_differ_thd(entry):
-    with pytest.raises(ValueError, match=word("k")):
-        call(entry, torch.randn(S, H, D), k=torch.randn(S + 1, H, D), positions=torch.arange(S))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,11 +272,14 @@ def test_unknown_layout(layout):
         rope_ext.RotaryEmbedding(D, layout=layout)
 
 
-@pytest.mark.parametrize("layout,shape", [("bshd", (S, H, D)), ("bhsd", (S, H, D)),
-                                          ("thd", (B, S, H, D)), ("thd", (S, D)),
-                                          ("bhsd", (B, H, S, D, 1))])
-@pytest.mark.parametrize("entry", ("apply_rope", "apply_rope[inplace]", "apply_rope_qk",
-                                   "apply_rope_qk[inplace]", "module"))
+RANK_VS_LAYOUT = [("bshd", (S, H, D)), ("bhsd", (S, H, D)), ("thd", (B, S, H, D)),
+                  ("thd", (S, D)), ("bhsd", (B, H, S, D, 1))]
+
+
+# Every mismatch through apply_rope; two of them through each other wrapper.
+@pytest.mark.parametrize("entry,layout,shape", [("apply_rope", lay, sh)
+                                                for lay, sh in RANK_VS_LAYOUT] +
+                         [(e, lay, sh) for e in WRAPPERS[1:] for lay, sh in RANK_VS_LAYOUT[1:3]])
 def test_x_rank_does_not_match_layout(entry, layout, shape):
     positions = torch.arange(S)
     with pytest.raises(ValueError, match=word(xname(entry))) as info:
@@ -388,33 +288,58 @@ def test_x_rank_does_not_match_layout(entry, layout, shape):
 
 
 # ---------------------------------------------------------------------------------------------
-# rope_frequencies: rotary_dim, base, scaling
+# rope_frequencies, cos_sin_table, the RotaryEmbedding constructor
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("rotary_dim", [7, 1, 0, -2, -8])
-def test_rotary_dim_value(rotary_dim):
-    with pytest.raises(ValueError, match=word("rotary_dim")):
-        rope_ext.rope_frequencies(rotary_dim)
+NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("rotary_dim", [8.0, "8", None, [8], True])
-def test_rotary_dim_not_an_int(rotary_dim):
-    with pytest.raises(TypeError, match=word("rotary_dim")):
-        rope_ext.rope_frequencies(rotary_dim)
+def _inv():
+    return rope_ext.rope_frequencies(2 * HALF)[0]
 
 
-@pytest.mark.parametrize("base", [1, 1.0, 0.5, 0.0, -10000.0, float("nan"), float("inf"),
-                                  -float("inf")])
-def test_base_value(base):
-    with pytest.raises(ValueError, match=word("base")):
-        rope_ext.rope_frequencies(8, base)
+def _frequencies(rotary_dim=2 * HALF, base=10000.0, scaling=None):
+    return rope_ext.rope_frequencies(rotary_dim, base, scaling)
 
 
-@pytest.mark.parametrize("scaling", [["linear", 2.0], "linear", 2.0, ("rope_type", "linear")])
-def test_scaling_not_a_dict(scaling):
-    with pytest.raises(TypeError, match=word("scaling")):
-        rope_ext.rope_frequencies(8, 10000.0, scaling)
+def _table(inv_freq=None, max_positions=P, attention_factor=1.0, dtype=torch.float32):
+    return rope_ext.cos_sin_table(_inv() if inv_freq is None else inv_freq, max_positions,
+                                  attention_factor, dtype=dtype)
+
+
+def _module(**kwargs):
+    return rope_ext.RotaryEmbedding(kwargs.pop("head_dim", D), **kwargs)
+
+
+# (function, exception, the argument the message names, bad values of it)
+BAD_ARGUMENTS = [
+    (_frequencies, ValueError, "rotary_dim", [7, 1, 0, -2, -8]),
+    (_frequencies, TypeError, "rotary_dim", [8.0, "8", None, [8], True]),
+    (_frequencies, ValueError, "base", [1, 1.0, 0.5, 0.0, -10000.0, NAN, INF, -INF]),
+    (_frequencies, TypeError, "scaling", [["linear", 2.0], "linear", 2.0, ("rope_type", "linear")]),
+    (_table, ValueError, "inv_freq", [torch.ones(2, HALF, dtype=torch.float64),
+                                      torch.ones((), dtype=torch.float64), torch.ones(1, HALF)]),
+    (_table, TypeError, "inv_freq", [torch.ones(HALF, dtype=dt)
+                                     for dt in (torch.int64, torch.int32, torch.bool)]),
+    (_table, ValueError, "max_positions", [-1, -P]),
+    (_table, TypeError, "max_positions", [16.0, 1.5, "16", None, torch.tensor(16)]),
+    (_table, ValueError, "attention_factor", [0, 0.0, -1.0, NAN, INF]),
+    (_table, TypeError, "dtype", [torch.int32, torch.int64, torch.bool, torch.uint8, "float32",
+                                  float]),
+    (_module, ValueError, "max_positions", [-1, -P]),
+    (_module, TypeError, "max_positions", [16.0, 1.5, "16", None, torch.tensor(16)]),
+    (_module, ValueError, "head_dim", [0, -8]),
+    (_module, ValueError, "rotary_dim", [7, 0, -4]),
+    (_module, ValueError, "base", [1.0, 0.0, NAN]),
+]
+
+
+@pytest.mark.parametrize("fn,exc,name,value", [
+    pytest.param(fn, exc, name, v, id=f"{fn.__name__[1:]}-{name}-{i}")
+    for fn, exc, name, values in BAD_ARGUMENTS for i, v in enumerate(values)])
+def test_bad_argument(fn, exc, name, value):
+    with pytest.raises(exc, match=word(name)):
+        fn(**{name: value})
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "foo", "factor": 2.0},
@@ -471,7 +396,7 @@ def test_missing_scaling_key_module():
     assert "factor" in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("factor", [0, 0.0, -2.0, float("nan")])
+@pytest.mark.parametrize("factor", [0, 0.0, -2.0, NAN])
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
 def test_scaling_factor_value(kind, factor):
     scaling = dict(COMPLETE[kind][0], factor=factor)
@@ -479,86 +404,11 @@ def test_scaling_factor_value(kind, factor):
         rope_ext.rope_frequencies(2 * HALF, 10000.0, scaling)
 
 
-# ---------------------------------------------------------------------------------------------
-# cos_sin_table
-# ---------------------------------------------------------------------------------------------
-
-
-def _inv():
-    return rope_ext.rope_frequencies(2 * HALF)[0]
-
-
-@pytest.mark.parametrize("inv_freq", [torch.ones(2, HALF, dtype=torch.float64),
-                                      torch.ones((), dtype=torch.float64),
-                                      torch.ones(1, HALF)])
-def test_inv_freq_rank(inv_freq):
-    with pytest.raises(ValueError, match=word("inv_freq")):
-        rope_ext.cos_sin_table(inv_freq, P)
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
-def test_inv_freq_integer(dtype):
-    with pytest.raises(TypeError, match=word("inv_freq")):
-        rope_ext.cos_sin_table(torch.ones(HALF, dtype=dtype), P)
-
-
-@pytest.mark.parametrize("max_positions", [-1, -P])
-def test_max_positions_negative(max_positions):
-    with pytest.raises(ValueError, match=word("max_positions")):
-        rope_ext.cos_sin_table(_inv(), max_positions)
-    with pytest.raises(ValueError, match=word("max_positions")):
-        rope_ext.RotaryEmbedding(D, max_positions=max_positions)
-
-
-@pytest.mark.parametrize("max_positions", [16.0, 1.5, "16", None, torch.tensor(16)])
-def test_max_positions_not_an_int(max_positions):
-    with pytest.raises(TypeError, match=word("max_positions")):
-        rope_ext.cos_sin_table(_inv(), max_positions)
-    with pytest.raises(TypeError, match=word("max_positions")):
-        rope_ext.RotaryEmbedding(D, max_positions=max_positions)
-
-
-@pytest.mark.parametrize("attention_factor", [0, 0.0, -1.0, float("nan"), float("inf")])
-def test_attention_factor_value(attention_factor):
-    with pytest.raises(ValueError, match=word("attention_factor")):
-        rope_ext.cos_sin_table(_inv(), P, attention_factor)
-
-
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8, "float32",
-                                   float])
-def test_table_dtype_argument(dtype):
-    with pytest.raises(TypeError, match=word("dtype")):
-        rope_ext.cos_sin_table(_inv(), P, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# RotaryEmbedding constructor
-# ---------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("head_dim,rotary_dim", [(8, 10), (8, 16), (2, 4)])
 def test_module_rotary_dim_exceeds_head_dim(head_dim, rotary_dim):
     with pytest.raises(ValueError, match=word("rotary_dim")) as info:
         rope_ext.RotaryEmbedding(head_dim, rotary_dim=rotary_dim)
     assert re.search(word("head_dim"), str(info.value)), str(info.value)
-
-
-@pytest.mark.parametrize("head_dim", [0, -8])
-def test_module_head_dim_value(head_dim):
-    with pytest.raises(ValueError, match=word("head_dim")):
-        rope_ext.RotaryEmbedding(head_dim)
-
-
-@pytest.mark.parametrize("rotary_dim", [7, 0, -4])
-def test_module_rotary_dim_value(rotary_dim):
-    with pytest.raises(ValueError, match=word("rotary_dim")):
-        rope_ext.RotaryEmbedding(D, rotary_dim=rotary_dim)
-
-
-@pytest.mark.parametrize("base", [1.0, 0.0, float("nan")])
-def test_module_base_value(base):
-    with pytest.raises(ValueError, match=word("base")):
-        rope_ext.RotaryEmbedding(D, base=base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,10 +446,11 @@ DEVICE_MIX = [
 
 @pytest.mark.parametrize("case", range(len(DEVICE_MIX)),
                          ids=["meta_positions", "meta_cos", "meta_cos_sin", "meta_sin", "meta_x"])
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_meta_mixed_with_cpu(entry, case):
+def test_meta_mixed_with_cpu(case):
     """A meta tensor among CPU ones is a device mismatch: it must raise (as torch's own ops do),
-    not dispatch to the fake kernel and hand back an uninitialized CPU tensor."""
+    not dispatch to the fake kernel and hand back an uninitialized CPU tensor (every entry
+    point: test_propagates' meta_positions and meta_k)."""
+    entry = "op.apply"
     name, mix = DEVICE_MIX[case]
     cos, sin = table()
     x, cos, sin, pos = mix(x4(), cos, sin, arange_pos())
@@ -610,12 +461,6 @@ def test_meta_mixed_with_cpu(entry, case):
         assert re.search(r"\bcos\b|\bsin\b|\bpositions\b", msg), msg
     else:
         assert re.search(word(name), msg), msg
-
-
-@pytest.mark.parametrize("entry", QK_ENTRIES)
-def test_meta_k_with_cpu_q(entry):
-    with pytest.raises((ValueError, RuntimeError, NotImplementedError), match=word("k")):
-        call(entry, x4(), k=x4().to("meta"), positions=arange_pos())
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -632,8 +477,10 @@ def test_all_meta_is_shape_propagation(entry):
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-CUDA_CASES = [(e, w) for e in ENTRIES for w in ("cos", "sin", "positions")] + \
-             [(e, "k") for e in PAIR] + [(e, "x_on_cpu") for e in ENTRIES]
+# One of each kind through every entry point (cos, sin or positions alone on the CPU at the op:
+# tests/test_cuda.py's test_table_on_another_device_raises, which gpu-check runs).
+CUDA_CASES = [("op.apply", "x_on_cpu"), ("op.apply_qk", "k")] + \
+             [(e, "cos") for e in ENTRIES[1:]] + [(e, "k") for e in PAIR[1:]]
 
 
 @needs_cuda
@@ -677,9 +524,13 @@ def test_cuda_module_positions_on_cpu():
 EMPTY_SHAPES = [(0, S, H, D), (B, 0, H, D), (B, S, 0, D), (0, 0, 0, D), (0, H, D), (S, 0, D)]
 
 
-@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("with_positions", [False, True])
-@pytest.mark.parametrize("entry", ALL_ENTRIES)
+# Every empty shape through each op (each returns early on its own); two through each wrapper.
+EMPTY_CASES = [(e, s, p) for e in OPS for s in EMPTY_SHAPES for p in (False, True)] + \
+              [(e, s, True) for e in WRAPPERS for s in ((B, 0, H, D), (0, H, D))]
+
+
+@pytest.mark.parametrize("entry,shape,with_positions", EMPTY_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_empty_inputs(entry, shape, with_positions):
     x = torch.randn(shape)
     thd = len(shape) == 3
@@ -796,13 +647,18 @@ def _out_of_range_case(entry, dtype_name, value, thd):
     return case
 
 
+# Every value at op.apply (the check is one pass over the positions, shared by the four ops);
+# below and past the table (and past 2**31 for the module, which rotates any position below it:
+# tests/test_any_position.py) through every other entry point, nothing written by in-place ones.
 for _entry in ALL_ENTRIES:
     for _dt, _v in OUT_OF_RANGE:
         for _thd in (False, True):
             if _thd and _v not in (-1, P, 2**40, -2**31):
                 continue
-            if _entry == "module" and 0 <= _v < 2**31:
-                continue  # the module rotates any such position (tests/test_any_position.py)
+            if _entry != "op.apply" and _v not in ((-1, 2**40) if _entry == "module" else (-1, P)):
+                continue
+            if _entry != "op.apply" and (_dt, _thd) != ("int64", _v == -1):
+                continue
             _name = f"positions_out_of_range[{_entry}-{_dt}-{_v}{'-thd' if _thd else ''}]"
             ISOLATED[_name] = _out_of_range_case(_entry, _dt, _v, _thd)
             EXPECT[_name] = ("ValueError", word("positions"))
@@ -901,15 +757,11 @@ def _inplace_overlap(fn, name):
 
 for _name, _fn, _arg in [
     ("op.apply_", lambda x, o, c, s: ops.apply_(x, c, s), "x"),
-    ("op.apply_[positions]", lambda x, o, c, s: ops.apply_(x, c, s, arange_pos()), "x"),
-    ("apply_rope[inplace]", lambda x, o, c, s: rope_ext.apply_rope(x, c, s, inplace=True), "x"),
     ("apply_rope[inplace,bhsd]",
      lambda x, o, c, s: rope_ext.apply_rope(x.transpose(1, 2), c, s, layout="bhsd",
                                             inplace=True), "x"),
     ("op.apply_qk_[q]", lambda x, o, c, s: ops.apply_qk_(x, o, c, s), "q"),
     ("op.apply_qk_[k]", lambda x, o, c, s: ops.apply_qk_(o, x, c, s), "k"),
-    ("apply_rope_qk[inplace,q]",
-     lambda x, o, c, s: rope_ext.apply_rope_qk(x, o, c, s, inplace=True), "q"),
     ("apply_rope_qk[inplace,k]",
      lambda x, o, c, s: rope_ext.apply_rope_qk(o, x, c, s, inplace=True), "k"),
 ]:
@@ -1083,7 +935,8 @@ mod._run_isolated_cases()
 @pytest.fixture(scope="module")
 def isolated():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)] +
+                                        [p for p in [env.get("PYTHONPATH")] if p])
     code = _CHILD.format(path=str(Path(__file__).resolve()))
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=env,
@@ -1140,3 +993,17 @@ def test_import_error_names_the_torch_built_for_and_the_one_found(tmp_path):
     assert "ImportError" in run.stderr
     assert f"built against torch {TORCH_VERSION}" in run.stderr, run.stderr[-2000:]
     assert f"this environment has torch {torch.__version__}" in run.stderr, run.stderr[-2000:]
+
+
+def test_import_refuses_another_torch_release():
+    # A binary can load beside another torch release and fail later, inside any call: the
+    # import compares the releases (major.minor) first.
+    import subprocess
+    import sys
+
+    code = "import torch; torch.__version__ = '1.0.0'; import rope_ext"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr and "this environment has torch 1.0.0" in run.stderr, \
+        run.stderr[-2000:]

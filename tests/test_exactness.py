@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
+import reference
 import rope_ext
 
 transformers.logging.set_verbosity_error()
@@ -24,8 +25,8 @@ BIG = 2**20
 
 
 def theta_py(r, base):
-    """theta_i = base ** (-2i / r) in Python double."""
-    return [base ** (-(2 * i) / r) for i in range(r // 2)]
+    """theta_i = base ** (-2i / r) in Python double (reference.inv_freq as a list)."""
+    return reference.inv_freq(r, base).tolist()
 
 
 def ulp(v, mantissa_bits):

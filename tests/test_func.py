@@ -25,16 +25,12 @@ def _inputs():
     return q.contiguous(), k.contiguous(), cos, sin, pos
 
 
-def _rot(x, cos, sin, pos, interleaved, inverse=False):
-    return ref.rope(x, cos, sin, pos, interleaved, inverse)
-
-
 @PAIRINGS
 def test_func_grad_is_the_inverse_rotation(interleaved):
     q, _, cos, sin, pos = _inputs()
     w = torch.randn_like(q)  # loss = <w, R q>, so d loss / d q = R^T w = R(-phi) w
     grad = torch.func.grad(lambda t: (ops.apply(t, cos, sin, pos, interleaved, False) * w).sum())(q)
-    torch.testing.assert_close(grad, _rot(w, cos, sin, pos, interleaved, inverse=True))
+    torch.testing.assert_close(grad, ref.rope(w, cos, sin, pos, interleaved, inverse=True))
 
 
 @PAIRINGS
@@ -42,11 +38,11 @@ def test_func_vjp_qk(interleaved):
     q, k, cos, sin, pos = _inputs()
     (qo, ko), vjp = torch.func.vjp(
         lambda a, b: ops.apply_qk(a, b, cos, sin, pos, interleaved, False), q, k)
-    torch.testing.assert_close(qo, _rot(q, cos, sin, pos, interleaved))
+    torch.testing.assert_close(qo, ref.rope(q, cos, sin, pos, interleaved))
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
     dq, dk = vjp((gq, gk))
-    torch.testing.assert_close(dq, _rot(gq, cos, sin, pos, interleaved, inverse=True))
-    torch.testing.assert_close(dk, _rot(gk, cos, sin, pos, interleaved, inverse=True))
+    torch.testing.assert_close(dq, ref.rope(gq, cos, sin, pos, interleaved, inverse=True))
+    torch.testing.assert_close(dk, ref.rope(gk, cos, sin, pos, interleaved, inverse=True))
 
 
 def test_func_jacrev_is_the_rotation_matrix():
@@ -56,7 +52,7 @@ def test_func_jacrev_is_the_rotation_matrix():
     jac = jac.reshape(D, D)
     # Column j is the rotation of the j-th unit vector.
     eye = torch.eye(D, dtype=torch.float64).reshape(D, 1, 1, 1, D)
-    expected = torch.stack([_rot(e, cos, sin, pos[:1, :1], False).reshape(D) for e in eye], 1)
+    expected = torch.stack([ref.rope(e, cos, sin, pos[:1, :1], False).reshape(D) for e in eye], 1)
     torch.testing.assert_close(jac, expected)
     torch.testing.assert_close(jac.T @ jac, torch.eye(D, dtype=torch.float64))  # orthogonal
 
@@ -67,15 +63,15 @@ def test_func_jvp_is_the_rotation_of_the_tangent(interleaved):
     tq, tk = torch.randn_like(q), torch.randn_like(k)
     (qo, ko), (dq, dk) = torch.func.jvp(
         lambda a, b: ops.apply_qk(a, b, cos, sin, pos, interleaved, False), (q, k), (tq, tk))
-    torch.testing.assert_close(dq, _rot(tq, cos, sin, pos, interleaved))
-    torch.testing.assert_close(dk, _rot(tk, cos, sin, pos, interleaved))
+    torch.testing.assert_close(dq, ref.rope(tq, cos, sin, pos, interleaved))
+    torch.testing.assert_close(dk, ref.rope(tk, cos, sin, pos, interleaved))
 
 
 def test_func_vmap_matches_a_loop():
     q, _, cos, sin, pos = _inputs()
     xs = torch.randn((4,) + q.shape, dtype=torch.float64)
     out = torch.func.vmap(lambda t: ops.apply(t, cos, sin, pos, False, False))(xs)
-    torch.testing.assert_close(out, torch.stack([_rot(x, cos, sin, pos, False) for x in xs]))
+    torch.testing.assert_close(out, torch.stack([ref.rope(x, cos, sin, pos, False) for x in xs]))
 
 
 @PAIRINGS
@@ -96,7 +92,7 @@ def test_one_output_used_gives_the_other_no_gradient():
     qo, ko = ops.apply_qk(q, k, cos, sin, pos, False, False)
     g = torch.randn_like(qo)
     qo.backward(g)
-    torch.testing.assert_close(q.grad, _rot(g, cos, sin, pos, False, inverse=True))
+    torch.testing.assert_close(q.grad, ref.rope(g, cos, sin, pos, False, inverse=True))
     assert k.grad is None
 
 
@@ -217,19 +213,9 @@ def _norm_ours(across):
 
 
 def _norm_composed(across):
-    def norm(x, w):
-        g = x.flatten(-2) if across else x
-        y = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5) * (w + 0.5)
-        return y.reshape(x.shape)
-
-    def rot(x, cos, sin, pos):  # the reference rotation written with differentiable ops
-        c, s = cos[pos].unsqueeze(-2), sin[pos].unsqueeze(-2)
-        half = c.shape[-1]
-        a, b, tail = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-        return torch.cat([a * c - b * s, a * s + b * c, tail], -1)
-
-    def f(q, k, qw, kw, cos, sin, pos):
-        return rot(norm(q, qw), cos, sin, pos), rot(norm(k, kw), cos, sin, pos)
+    def f(q, k, qw, kw, cos, sin, pos):  # tests/reference.py's norm and rotation, ATen ops only
+        return tuple(ref.rotate(ref.rms_norm(x, w, 1e-5, across, 0.5), cos, sin, pos)
+                     for x, w in ((q, qw), (k, kw)))
     return f
 
 

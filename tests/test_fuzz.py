@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 
 import reference as ref
 import rope_ext
+from conftest import X_DTYPES, build_qkv, build_x, op_view
+from reference import assert_bit_identical
 
 ops = torch.ops.rope
 
-X_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ_QK = settings(FUZZ, max_examples=600)
@@ -36,70 +37,6 @@ FUZZ_QK_FUSED = settings(FUZZ, max_examples=300)
 # block sizes (16 float64 / 32 float32, bf16, fp16 elements) and real models' 32 and 64.
 HALVES = st.one_of(st.integers(0, 20), st.sampled_from([0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33,
                                                           48, 64]))
-BITS = {torch.float64: torch.int64, torch.float32: torch.int32,
-        torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _randn(shape, dtype, g):
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def assert_bit_identical(a, b, what):
-    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
-    ia = a.contiguous().view(BITS[a.dtype])
-    ib = b.contiguous().view(BITS[b.dtype])
-    if not torch.equal(ia, ib):
-        diff = (ia != ib).nonzero()
-        raise AssertionError(f"{what}: {len(diff)} elements differ in their bits, first at "
-                             f"{tuple(diff[0].tolist())}")
-
-
-def user_shape(layout, b, s, h, d):
-    return {"bshd": (b, s, h, d), "bhsd": (b, h, s, d), "thd": (s, h, d)}[layout]
-
-
-def op_view(x, layout):
-    return x.transpose(1, 2) if layout == "bhsd" else x
-
-
-def build_x(storage, layout, b, s, h, d, dtype, g, offset=0):
-    """(x in the caller's layout, the buffer it lives in). `storage`:
-    contiguous; fused (heads [1, 1 + h) of a qkv projection [.., (h + 2) * d] viewed per head,
-    then transposed for bhsd, as Hugging Face does); strided (every other element of a head_dim
-    twice as wide, starting at `offset`); transposed (bshd from seq-major [s, b, h, d], bhsd from
-    a contiguous [b, s, h, d], thd from head-major [h, t, d]); expand (batch and heads broadcast
-    with zero strides: functional op only)."""
-    shape = user_shape(layout, b, s, h, d)
-    lead = (s,) if layout == "thd" else (b, s)
-    if storage == "contiguous":
-        base = _randn(shape, dtype, g)
-        return base, base
-    if storage == "fused":
-        base = _randn(lead + ((h + 2) * d,), dtype, g)
-        x = base.unflatten(-1, (h + 2, d))[..., 1:1 + h, :]
-        return (x.transpose(1, 2) if layout == "bhsd" else x), base
-    if storage == "strided":
-        base = _randn(shape[:-1] + (2 * d,), dtype, g)
-        return base[..., offset::2][..., :d], base
-    if storage == "transposed":
-        if layout == "bshd":
-            base = _randn((s, b, h, d), dtype, g)
-            return base.transpose(0, 1), base
-        if layout == "bhsd":
-            base = _randn((b, s, h, d), dtype, g)
-            return base.transpose(1, 2), base
-        base = _randn((h, s, d), dtype, g)
-        return base.transpose(0, 1), base
-    if storage == "expand":
-        if layout == "thd":
-            base = _randn((s, 1, d), dtype, g)
-        else:
-            one = user_shape(layout, 1, s, 1, d)
-            base = _randn(one, dtype, g)
-        return base.expand(shape), base
-    raise ValueError(storage)
-
-
 def cut_table(c64, s64, dtype, storage):
     """cos/sin of the given values, rounded to dtype, in one of the memory layouts callers use:
     contiguous; chunk (the two halves of one [.., r] cos|sin cache: row stride r); pairs
@@ -182,13 +119,15 @@ def test_fuzz_apply(data):
     h = draw(SIZES["heads"], label="heads")
     half = draw(HALVES, label="r/2")
     d = 2 * half + draw(st.sampled_from([0, 0, 0, 1, 2, 3, 6]), label="head_dim - r")
-    storage = draw(st.sampled_from(["contiguous", "fused", "strided", "transposed", "expand"]),
+    # fused_hf: for bhsd, the bshd slice of the projection transposed, as Hugging Face does
+    storage = draw(st.sampled_from(["contiguous", "fused_hf", "strided", "transposed", "expand"]),
                    label="x storage")
     interleaved = draw(st.booleans(), label="interleaved")
     entry = draw(st.sampled_from(["apply_rope", "op"]), label="entry")
     inverse = entry == "op" and draw(st.booleans(), label="inverse")
 
-    x, buf = build_x(storage, layout, b, s, h, d, dtype, g, offset=draw(st.integers(0, 1)))
+    sample = build_x(layout, storage, b, s, h, d, dtype, g, offset=draw(st.integers(0, 1)))
+    x, buf = sample.x, sample.base
     cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
     xv = op_view(x, layout)  # [b, s, h, d] or [t, h, d], a view of buf
     x_before = x.clone()
@@ -250,10 +189,7 @@ def draw_qk_case(data):
         st.integers(0, 4), label="k head_dim - r")
     interleaved = draw(st.booleans(), label="interleaved")
     lead = (s,) if layout == "thd" else (b, s)
-    widths = [hq * dq, hk * dk, hk * dk]
-    buf = _randn(lead + (sum(widths),), dtype, g)
-    q, k, v = (t.unflatten(-1, (n, dd)) for t, n, dd in
-               zip(buf.split(widths, -1), (hq, hk, hk), (dq, dk, dk)))
+    buf, q, k, v = build_qkv(lead, hq, hk, dq, dtype, head_dim_k=dk, generator=g)
     if layout == "bhsd":  # HF: proj(x).view(b, s, h, d).transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
@@ -330,11 +266,7 @@ def test_inplace_accepts_empty_broadcast_x(entry):
 
 
 def _fused_qk(hq, dq, hk, dk, lead=(2, 3)):
-    widths = [hq * dq, hk * dk, hk * dk]
-    buf = torch.randn(lead + (sum(widths),))
-    q, k, v = (t.unflatten(-1, (n, dd)) for t, n, dd in
-               zip(buf.split(widths, -1), (hq, hk, hk), (dq, dk, dk)))
-    return buf, q, k, v
+    return build_qkv(lead, hq, hk, dq, head_dim_k=dk)
 
 
 @pytest.mark.parametrize("entry", ["op.apply_qk_", "apply_rope_qk[inplace]"])

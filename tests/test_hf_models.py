@@ -45,6 +45,7 @@ from transformers.models.phi3 import modeling_phi3
 from transformers.models.qwen2 import modeling_qwen2
 
 import rope_ext
+from reference import assert_inv_freq_matches, hf_inv_freq_rel_bound
 from rope_ext.scaling import default_inv_freq, dynamic_inv_freq, longrope_inv_freq
 
 try:  # Qwen2-VL (MRoPE): present in the pinned transformers, guarded for older ones
@@ -55,7 +56,6 @@ except ImportError:  # pragma: no cover
 transformers.logging.set_verbosity_error()
 
 EPS32 = 2.0**-24
-ULP_BUDGET = 8 * EPS32  # transformers' float32 pow / reciprocal / blends (as tests/test_scaling.py)
 FLOAT32_SLACK = 16 * EPS32
 BF16_SLACK = 4 * 2.0**-8
 
@@ -226,37 +226,13 @@ def hf_inv_freq(family, cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def exponent_error(r):
-    """|fl32(2i / r) - 2i / r|: transformers' float32 exponent against the exact one."""
-    exact = torch.arange(0, r, 2, dtype=torch.float64) / r
-    rounded = (torch.arange(0, r, 2, dtype=torch.int64).float() / r).double()
-    return (rounded - exact).abs()
-
-
-def inv_freq_rel_bound(base, r):
-    """Relative distance allowed between transformers' float32 inv_freq and the exact one."""
-    return math.log(base) * exponent_error(r) + ULP_BUDGET
-
-
-def assert_inv_freq_matches(ours, theirs, base, r):
-    assert ours.dtype == torch.float64
-    assert theirs.dtype == torch.float32
-    assert ours.shape == theirs.shape == (r // 2,)
-    rel = ((ours - theirs.double()) / ours).abs()
-    bound = inv_freq_rel_bound(base, r)
-    worst = int((rel - bound).argmax())
-    assert (rel <= bound).all(), (
-        f"pair {worst}: ours {ours[worst].item()!r}, transformers {theirs[worst].item()!r}, "
-        f"relative {rel[worst].item():.3e} > {bound[worst].item():.3e}")
-
-
 def hf_theta_error(family, module, theirs):
     """|theta_hf - theta| per pair: measured where transformers exposes inv_freq, else (GPT-J,
     whose float32 inv_freq lives inside create_sinusoidal_positions) its a-priori bound."""
     theta = module.inv_freq
     if theirs is not None:
         return (theirs.double() - theta).abs()
-    return theta * inv_freq_rel_bound(10000.0, module.rotary_dim)
+    return theta * hf_inv_freq_rel_bound(10000.0, module.rotary_dim)
 
 
 def angle_error_bound(theta, theta_err, m):

@@ -8,7 +8,7 @@ the mean over head_dim (across_heads=False, weights [head_dim]) or over heads * 
 each token (across_heads=True, OLMo 2; weights [heads * head_dim]), then the rotation exactly
 as apply_rope_qk does it (docs/api.md section 2b).
 
-Checked against an independent float64 RMSNorm written here and the float64 RoPE of
+Checked against the independent float64 RMSNorm and RoPE of
 tests/reference.py, applied to the same (rounded) inputs: the kernel computes in float32
 (float64 for float64 x) and rounds once at the store.
 
@@ -18,52 +18,29 @@ torch.ops.rope_testing.set_cpu_kernel, as tests/test_cuda.py does) and "cuda" wh
 present. ROPE_TEST_DEVICE narrows the run to one of them.
 """
 
-import contextlib
 import math
-import os
 
 import pytest
 import torch
 
 import reference as ref
 import rope_ext
-from conftest import build_qkv, build_table
+from conftest import (DEVICES, build_qkv, build_table, check_devices, on_device, op_view,
+                      tdev)
 
 rms_norm_rope_qk = rope_ext.rms_norm_rope_qk
 ops = torch.ops.rope
 
 # --- devices ---
 
-_ALL_DEVICES = ["cpu", "cuda-host"] + (["cuda"] if torch.cuda.is_available() else [])
-_ONLY = os.environ.get("ROPE_TEST_DEVICE")
-DEVICES = [_ONLY] if _ONLY else _ALL_DEVICES
-assert set(DEVICES) <= {"cpu", "cuda-host", "cuda"}, f"ROPE_TEST_DEVICE={_ONLY}"
-if "cuda" in DEVICES and not torch.cuda.is_available():
-    raise RuntimeError("ROPE_TEST_DEVICE=cuda but torch sees no GPU")
-
-
-@contextlib.contextmanager
-def _cpu_kernel(name):
-    previous = torch.ops.rope_testing.set_cpu_kernel(name)
-    try:
-        yield
-    finally:
-        torch.ops.rope_testing.set_cpu_kernel(previous)
+check_devices(DEVICES)
 
 
 @pytest.fixture(autouse=True, params=DEVICES)
 def device(request):
     """The device under test: "cpu", "cuda-host" or "cuda" (every test runs on each)."""
-    if request.param == "cuda-host":
-        with _cpu_kernel("cuda-host"):
-            yield request.param
-    else:
+    with on_device(request.param):
         yield request.param
-
-
-def tdev(device):
-    """Where the tensors live for a device under test."""
-    return "cuda" if device == "cuda" else "cpu"
 
 
 def on(device, base, *views):
@@ -77,54 +54,16 @@ def to(device, t):
     return None if t is None else t.to(tdev(device))
 
 
-# --- the float64 reference ---
-
-
-def ref_norm(xv, w, eps, across_heads, weight_offset):
-    """rms_norm(x) * (w + weight_offset) in float64; xv as the op sees it: [b, s, h, d] or
-    [t, h, d]."""
-    x = xv.detach().double()
-    wv = w.detach().double() + weight_offset
-    if across_heads:
-        flat = x.reshape(*x.shape[:-2], -1)
-        y = flat / torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps) * wv
-        return y.view(x.shape)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wv
-
-
-def ref_rstd(xv, eps, across_heads):
-    x = xv.detach().double()
-    if across_heads:
-        x = x.reshape(*x.shape[:-2], -1)
-        return 1 / torch.sqrt(x.pow(2).mean(-1) + eps).unsqueeze(-1)  # [.., 1]
-    return 1 / torch.sqrt(x.pow(2).mean(-1) + eps)  # [.., heads]
-
-
 def ref_norm_rope(xv, w, cos, sin, pos, eps, across_heads, weight_offset, interleaved):
     """(the normalized, weighted input, the expected output), both float64 in the op's view."""
-    y = ref_norm(xv, w, eps, across_heads, weight_offset)
-    return y, ref.rope(y, cos.double().cpu(), sin.double().cpu(),
-                       None if pos is None else pos.cpu(), interleaved)
+    y = ref.rms_norm(xv.detach(), w.detach(), eps, across_heads, weight_offset)
+    return y, ref.rope(y, cos.cpu(), sin.cpu(), None if pos is None else pos.cpu(), interleaved)
 
 
 def aten_norm_rope(xv, w, cos, sin, pos, eps, across_heads, weight_offset, interleaved):
     """The same as a differentiable ATen composition (float64), for gradients."""
-    x = xv.double()
-    wv = w.double() + weight_offset
-    if across_heads:
-        flat = x.reshape(*x.shape[:-2], -1)
-        y = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps) * wv).view(x.shape)
-    else:
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wv
-    c, s = ref.token_rows(y, cos.double(), sin.double(), pos)
-    r = 2 * cos.shape[-1]
-    ia, ib = ref.pair_slots(r, interleaved)
-    ia, ib = ia.to(x.device), ib.to(x.device)
-    a, b = y[..., ia], y[..., ib]
-    out = y.clone()
-    out[..., ia] = a * c - b * s
-    out[..., ib] = a * s + b * c
-    return out
+    y = ref.rms_norm(xv, w, eps, across_heads, weight_offset)
+    return ref.rotate(y, cos.double(), sin.double(), pos, interleaved)
 
 
 # --- tolerances ---
@@ -244,10 +183,6 @@ def qk_on(device, base, q, k):
     if base is None:
         return q.to(tdev(device), copy=True), k.to(tdev(device), copy=True)
     return on(device, base, q, k)[1:]
-
-
-def op_view(t, layout):
-    return t.transpose(1, 2) if layout == "bhsd" else t
 
 
 def check_against_reference(device, layout, form, storage, rotary, interleaved, across_heads,
@@ -413,8 +348,8 @@ def test_equals_apply_rope_qk_of_the_normalized_input(device, dtype, layout, for
     got = rms_norm_rope_qk(to(device, q), to(device, k), *args, q_weight=to(device, qw),
                            k_weight=to(device, kw), across_heads=across_heads,
                            weight_offset=weight_offset, interleaved=interleaved, layout=layout)
-    yq = op_view(ref_norm(qv, qw, 1e-6, across_heads, weight_offset), layout)
-    yk = op_view(ref_norm(kv, kw, 1e-6, across_heads, weight_offset), layout)
+    yq = op_view(ref.rms_norm(qv, qw, 1e-6, across_heads, weight_offset), layout)
+    yk = op_view(ref.rms_norm(kv, kw, 1e-6, across_heads, weight_offset), layout)
     want = rope_ext.apply_rope_qk(to(device, yq.to(dtype)), to(device, yk.to(dtype)), *args,
                                   interleaved=interleaved, layout=layout)
     # float64: the same rotation of the same values; float32: apart by the normalization's
@@ -576,7 +511,7 @@ def test_op_rstd_and_outputs(device, dtype):
             want_shape = x.shape[:-2] + (1,) if across else x.shape[:-1]
             assert rstd.shape == want_shape and rstd.dtype == rstd_dtype, (name, rstd.shape,
                                                                            rstd.dtype)
-            want = ref_rstd(x.cpu(), eps, across)
+            want = ref.rms_rstd(x.detach().cpu(), eps, across)
             torch.testing.assert_close(rstd.double().cpu(), want, atol=0,
                                        rtol=1e-12 if dtype == torch.float64 else 64 * U32)
             y, want = ref_norm_rope(x.cpu(), w.cpu(), cos, sin, pos, eps, across, offset, inter)

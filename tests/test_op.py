@@ -3,6 +3,12 @@
 Every result is compared with tests/reference.py (docs/math.md section 13 tolerances, per pair,
 scaled by the pair's norm); only the in-place-vs-functional and qk-vs-two-calls checks
 compare the library with itself.
+
+The full matrix (test_apply_matches_reference) is written once for every device: it takes the
+device under test and the sizes from the `device` and `sizes` fixtures and is parametrized by
+`matrix` from the module's pytest_generate_tests. Here: the CPU kernel; tests/test_cuda.py
+collects the same test for the CUDA kernel (the host executor, or the GPU with
+ROPE_TEST_DEVICE=cuda) with its own cases, where it also compares with the CPU kernel.
 """
 
 import os
@@ -15,7 +21,7 @@ import torch
 import reference as ref
 import rope_ext
 from conftest import (LAYOUTS, NOPOS_FORMS, POS_FORMS, STORAGES, X_DTYPES, build_qkv,
-                      build_table, build_x, op_view)
+                      build_table, build_x, cpu_kernel, op_view, to_dev)
 
 ops = torch.ops.rope
 
@@ -68,24 +74,55 @@ def _assert_like_empty_like(out, x):
 # --- the full matrix ---
 
 
-@pytest.mark.parametrize("storage", STORAGES)
-@DTYPES
-@pytest.mark.parametrize("case", _layout_forms(), ids=_case_id)
-@pytest.mark.parametrize("rotary", ROTARY)
-@PAIRINGS
-def test_apply_matches_reference(interleaved, rotary, case, dtype, storage):
+def matrix(metafunc, cases, widths):
+    """Parametrizes test_apply_matches_reference: (layout, table form, positions dtype) cases,
+    {id: (head_dim, r)} widths, every storage, x dtype and pairing."""
+    metafunc.parametrize("interleaved", [False, True], ids=["halfsplit", "interleaved"])
+    metafunc.parametrize("width", list(widths.values()), ids=list(widths))
+    metafunc.parametrize("case", cases, ids=_case_id)
+    metafunc.parametrize("dtype", X_DTYPES, ids=lambda d: str(d).split(".")[-1])
+    metafunc.parametrize("storage", STORAGES)
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.function is test_apply_matches_reference:
+        matrix(metafunc, _layout_forms(), {"full": (D, ROTARY["full"]),
+                                           "partial": (D, ROTARY["partial"])})
+
+
+@pytest.fixture
+def device():
+    """The device under test: the CPU kernel (tests/test_cuda.py has its own)."""
+    return "cpu"
+
+
+@pytest.fixture
+def sizes():
+    """(batch, seq, heads, tokens for thd) of the matrix (tests/test_cuda.py has its own)."""
+    return B, S, H, T
+
+
+def test_apply_matches_reference(device, sizes, interleaved, width, case, dtype, storage):
     layout, form, pos_dtype = case
-    r = ROTARY[rotary]
-    s = _sample(layout, storage, dtype)
-    cos, sin, pos = _table(layout, form, r // 2, pos_dtype=pos_dtype)
-    before = s.base.clone()
+    head_dim, r = width
+    batch, seq, heads, tokens = sizes
+    batch, seq = (None, tokens) if layout == "thd" else (batch, seq)
+    s = build_x(layout, storage, batch or 0, seq, heads, head_dim, dtype)
+    cos, sin, pos = build_table("pos_s" if form == "pos_t" else form, batch, seq, r // 2,
+                                pos_dtype=pos_dtype)
+    xv = to_dev(device, s.op)  # a view of a copy of s.base, on the device
 
-    out = ops.apply(s.op, cos, sin, pos, interleaved)
+    out = ops.apply(xv, to_dev(device, cos), to_dev(device, sin), to_dev(device, pos), interleaved)
 
-    assert torch.equal(s.base, before), "the functional op wrote to its input"
-    _assert_like_empty_like(out, s.op)
+    assert torch.equal(xv._base.cpu(), s.base), "the functional op wrote to its input"
+    _assert_like_empty_like(out, xv)
     expected = ref.rope(s.op, cos, sin, pos, interleaved)
-    ref.assert_pairs_close(out, expected, s.op, r, interleaved)
+    ref.assert_pairs_close(out.cpu(), expected, s.op, r, interleaved)
+    if device != "cpu":  # the same formula in the same precision (the CPU one may use FMAs)
+        with cpu_kernel("auto"):
+            cpu = ops.apply(s.op, cos, sin, pos, interleaved)
+        tol = ref.PAIR_TOL[dtype] * 4
+        torch.testing.assert_close(out.cpu().double(), cpu.double(), rtol=tol, atol=tol)
 
 
 @DTYPES

@@ -2,12 +2,8 @@
 (docs/math.md section 9).
 
 transformers builds inv_freq in float32; ours is float64. They agree to the rounding
-transformers' float32 arithmetic loses, which the tolerance below spells out:
-
-* the exponent ``2i / r`` is rounded to float32 (exact when r is a power of two, off by up to
-  half an ulp otherwise), which moves ``base ** (-2i / r)`` by ``ln(base) * |error|`` relative;
-* each further float32 operation (pow, reciprocal, products, the yarn/llama3 blends) loses
-  about half an ulp: together at most ``8 * 2**-24`` relative (measured: at most 6.1).
+transformers' float32 arithmetic loses (reference.assert_inv_freq_matches spells it out; the
+one comparison, which tests/test_hf_models.py uses too).
 
 Attention factors are Python floats in both, computed by the same formulas: they agree to
 1e-12. The worked numbers of docs/math.md section 9 are checked independently of transformers.
@@ -21,12 +17,10 @@ import transformers  # only the tests use it: rope_ext never imports it
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import rope_ext
+from reference import assert_inv_freq_matches
 from rope_ext.scaling import default_inv_freq, dynamic_inv_freq, longrope_inv_freq
 
 transformers.logging.set_verbosity_error()  # validation warnings about our unusual test keys
-
-ULP_BUDGET = 8 * 2.0**-24  # relative error of transformers' float32 steps besides the exponent
-
 
 # ---------------------------------------------------------------------------------------------
 # transformers side
@@ -48,30 +42,10 @@ def hf_config(head_dim, max_position_embeddings, rope_parameters, partial_rotary
 
 def hf_frequencies(config, seq_len=None):
     rope_type = config.rope_parameters["rope_type"]
+    if rope_type == "default":  # not in ROPE_INIT_FUNCTIONS: each model's rotary module has it
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
-
-
-def exponent_error(r):
-    """|fl32(2i / r) - 2i / r|: how far transformers' float32 exponent is from the exact one."""
-    exact = torch.arange(0, r, 2, dtype=torch.float64) / r
-    rounded = (torch.arange(0, r, 2, dtype=torch.int64).float() / r).double()
-    return (rounded - exact).abs()
-
-
-def assert_matches_hf(ours, theirs, base, r):
-    """ours (float64) equals transformers' float32 vector up to its float32 rounding.
-
-    `base` is the base transformers raises to the float32 exponent (base' for dynamic).
-    """
-    assert ours.dtype == torch.float64 and ours.device.type == "cpu"
-    assert theirs.dtype == torch.float32
-    assert ours.shape == theirs.shape == (r // 2,)
-    rel = ((ours - theirs.double()) / theirs.double()).abs()
-    bound = math.log(base) * exponent_error(r) + ULP_BUDGET
-    worst = int((rel - bound).argmax())
-    assert (rel <= bound).all(), (
-        f"pair {worst}: ours {ours[worst].item()!r}, transformers {theirs[worst].item()!r}, "
-        f"relative difference {rel[worst].item():.3e} > bound {bound[worst].item():.3e}")
 
 
 def assert_factor(ours, theirs):
@@ -172,6 +146,11 @@ CASES = [
     ("llama3-partial-legacy", 128, 32768, 0.5,
      {"type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 2.0,
       "high_freq_factor": 8.0, "original_max_position_embeddings": 4096}, True),
+] + [  # default (no scaling)
+    (f"default-d{head_dim}-base{base:g}", head_dim, 4096, None,
+     {"rope_type": "default", "rope_theta": base}, False)
+    for head_dim, base in [(128, 10000.0), (128, 500000.0), (96, 10000.0), (256, 1e6),
+                           (64, 10000.0)]
 ]
 
 
@@ -181,21 +160,12 @@ def test_matches_transformers(case):
     r = int(head_dim * (prf or 1.0))
     theirs, their_factor = hf_frequencies(hf_config(head_dim, max_pos, params, prf, legacy))
     ours, our_factor = ours_of(params, r)
-    assert_matches_hf(ours, theirs, params["rope_theta"], r)
+    assert_inv_freq_matches(ours, theirs, params["rope_theta"], r)
     assert_factor(our_factor, their_factor)
-
-
-@pytest.mark.parametrize("head_dim,base", [(128, 10000.0), (128, 500000.0), (96, 10000.0),
-                                          (256, 1e6), (64, 10000.0)])
-def test_default_matches_transformers(head_dim, base):
-    # "default" is not in ROPE_INIT_FUNCTIONS: each model's RotaryEmbedding has its own.
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    config = hf_config(head_dim, 4096, {"rope_type": "default", "rope_theta": base})
-    theirs, their_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
-    for scaling in (None, {"rope_type": "default"}, {"type": "default"}, {}):
-        ours, our_factor = rope_ext.rope_frequencies(head_dim, base, scaling)
-        assert_matches_hf(ours, theirs, base, head_dim)
-        assert_factor(our_factor, their_factor)
+    if params.get("rope_type") == "default":  # the other ways to say it give the same table
+        for scaling in (None, {"type": "default"}, {}):
+            inv, factor = rope_ext.rope_frequencies(r, params["rope_theta"], scaling)
+            assert torch.equal(inv, ours) and factor == our_factor, scaling
 
 
 def test_the_comparison_is_tight():
@@ -204,10 +174,10 @@ def test_the_comparison_is_tight():
     theirs, _ = hf_frequencies(hf_config(128, 131072, params))
     ours, _ = ours_of(params, 128)
     with pytest.raises(AssertionError):
-        assert_matches_hf(ours * (1 + 10 * 2.0**-24), theirs, 1e6, 128)
+        assert_inv_freq_matches(ours * (1 + 10 * 2.0**-24), theirs, 1e6, 128)
     shifted, _ = ours_of(dict(params, truncate=False), 128)   # ramp 23.60..39.65, not 23..40
     with pytest.raises(AssertionError):
-        assert_matches_hf(shifted, theirs, 1e6, 128)
+        assert_inv_freq_matches(shifted, theirs, 1e6, 128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +195,7 @@ def test_yarn_factor_from_lengths(max_pos):
     scaling = {"rope_type": "yarn", "original_max_position_embeddings": 4096,
                "max_position_embeddings": max_pos}
     ours, our_factor = rope_ext.rope_frequencies(128, 10000.0, scaling)
-    assert_matches_hf(ours, theirs, 10000.0, 128)
+    assert_inv_freq_matches(ours, theirs, 10000.0, 128)
     assert_factor(our_factor, their_factor)
     explicit = rope_ext.rope_frequencies(128, 10000.0, dict(scaling, factor=max_pos / 4096))
     assert torch.equal(ours, explicit[0]) and our_factor == explicit[1]
@@ -242,7 +212,7 @@ def test_longrope_factor_from_lengths(head_dim, prf):
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     ours, our_factor = rope_ext.rope_frequencies(r, 10000.0,
                                                  dict(scaling, max_position_embeddings=131072))
-    assert_matches_hf(ours, theirs, 10000.0, r)
+    assert_inv_freq_matches(ours, theirs, 10000.0, r)
     assert_factor(our_factor, their_factor)
     assert our_factor == pytest.approx(1.1902381, abs=5e-8)
     # Without either length the dict says nothing about extension: factor 1, A = 1.
@@ -262,7 +232,7 @@ def test_longrope_phi3_config_top_level_original():
     scaling = {"rope_type": "longrope", "short_factor": PHI3_SHORT, "long_factor": PHI3_LONG,
                "original_max_position_embeddings": 4096, "max_position_embeddings": 131072}
     ours, our_factor = rope_ext.rope_frequencies(96, 10000.0, scaling)
-    assert_matches_hf(ours, theirs, 10000.0, 96)
+    assert_inv_freq_matches(ours, theirs, 10000.0, 96)
     assert_factor(our_factor, their_factor)
 
 
@@ -291,7 +261,7 @@ def test_dynamic_matches_transformers(head_dim, prf, base, factor, max_pos, seq_
     theirs, their_factor = hf_frequencies(hf_config(head_dim, max_pos, params, prf),
                                           seq_len=seq_len)
     ours = dynamic_inv_freq(r, base, factor, max_pos, seq_len)
-    assert_matches_hf(ours, theirs, ntk_base(base, factor, max_pos, seq_len, r), r)
+    assert_inv_freq_matches(ours, theirs, ntk_base(base, factor, max_pos, seq_len, r), r)
     assert their_factor == 1.0
     if seq_len <= max_pos:
         # Up to L the table is the default one, and so is the static (init) table.
@@ -311,7 +281,7 @@ def test_longrope_tables_match_transformers(head_dim, prf, short, long, seq_len)
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     is_long = seq_len is not None and seq_len > 4096
     ours = longrope_inv_freq(r, 10000.0, scaling, long=is_long)
-    assert_matches_hf(ours, theirs, 10000.0, r)
+    assert_inv_freq_matches(ours, theirs, 10000.0, r)
     # The attention factor is fixed at init, whatever the table.
     assert_factor(rope_ext.rope_frequencies(r, 10000.0, scaling)[1], their_factor)
     # The static table is the short one.

@@ -21,9 +21,6 @@ ops = torch.ops.rope
 
 THREADS = 6
 REPS = 25  # calls of each kind per thread
-BITS = {torch.float64: torch.int64, torch.float32: torch.int32,
-        torch.float16: torch.int16, torch.bfloat16: torch.int16,
-        torch.int64: torch.int64, torch.int32: torch.int32}
 
 
 def _randn(shape, dtype, seed):
@@ -34,11 +31,6 @@ def _randn(shape, dtype, seed):
 def _positions(shape, rows, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, rows, shape, generator=g).to(dtype)
-
-
-def bit_identical(a, b, strides=True):
-    return (a.shape == b.shape and a.dtype == b.dtype and (not strides or a.stride() == b.stride())
-            and torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype])))
 
 
 ROWS = 1024
@@ -166,7 +158,7 @@ def test_threads_match_serial():
         for rep, i in enumerate(order):
             got = KINDS[i].run(inputs[(t, i)])
             want = serial[(t, i)]
-            if len(got) != len(want) or not all(map(bit_identical, got, want)):
+            if len(got) != len(want) or not all(map(ref.same_bits, got, want, [True] * len(got))):
                 mismatches.append(f"thread {t}, call {rep}: {KINDS[i].name}")
         return mismatches
 
@@ -178,7 +170,7 @@ def test_threads_match_serial():
     # No call wrote into its inputs, and the thread setting is untouched.
     for key, a in inputs.items():
         for n, v in a.items():
-            assert bit_identical(v, pristine[key][n], strides=False), \
+            assert ref.same_bits(v, pristine[key][n]), \
                 f"{KINDS[key[1]].name}: input {n} changed"
     assert torch.get_num_threads() == num_threads
 
@@ -193,9 +185,9 @@ def test_threads_share_one_tensor_read_only(threads):
     x_before = x.clone()
 
     def worker(t):
-        return all(bit_identical(rope_ext.apply_rope(x, cos, sin, pos, interleaved=True), want)
-                   for _ in range(40))
+        return all(ref.same_bits(rope_ext.apply_rope(x, cos, sin, pos, interleaved=True), want,
+                                 strides=True) for _ in range(40))
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         assert all(pool.map(worker, range(threads), timeout=120))
-    assert bit_identical(x, x_before)
+    assert ref.same_bits(x, x_before, strides=True)
