@@ -183,8 +183,11 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     # -fmad=false: no a*b - c*d contracted into an FMA, so the GPU rounds as the host
     # executor does and the two agree bit for bit (RoPE is bound by memory, not FLOPs).
+    # --diag-error 20011/20014: a device function calling a host-only one is an error, not a
+    # warning (the call would have no device code behind it).
     kwargs["extra_compile_args"]["nvcc"] = opt + [
         "--expt-relaxed-constexpr", "-lineinfo", "-fmad=false", "-Xcompiler", "-fopenmp",
+        "--diag-error=20011,20014",
     ] + [f"-DROPE_EXT_HAVE_{n.upper()}" for n in isas]
     return cpp_extension.CUDAExtension(**kwargs)
 

@@ -715,6 +715,39 @@ def test_error_weight_dtype(device, entry, which, x_dtype, w_dtype):
 
 
 @ENTRIES
+def test_error_head_dims_differ(device, entry):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    k = torch.cat([k, k[..., :2]], -1)  # head_dim + 2: still holds r, so only the norm objects
+    with pytest.raises(ValueError, match=r"same head_dim"):
+        _call(entry, q, k, cos, sin, pos, qw, kw)
+
+
+@pytest.mark.parametrize("offset", [float("inf"), float("nan")])
+def test_error_weight_offset_not_finite(device, offset):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    with pytest.raises(ValueError, match=r"weight_offset must be finite"):
+        rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw, weight_offset=offset)
+
+
+def test_error_inplace_q_and_k_share_elements(device):
+    q, _, cos, sin, pos, qw, _ = _inplace_inputs(device)
+    with pytest.raises(ValueError, match=r"q and k share elements"):
+        rms_norm_rope_qk(q, q[:, :, :2], cos, sin, pos, q_weight=qw, k_weight=qw, inplace=True)
+
+
+def test_error_backward_op_arguments(device):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    qo, ko, qr, kr = ops.rms_norm_rope_qk(q, k, cos, sin, pos, qw, kw, 1e-6, False, 0.0, False)
+    gq, gk = torch.ones_like(qo), torch.ones_like(ko)
+    with pytest.raises(ValueError, match=r"grad_k must have k's shape"):
+        ops.rms_norm_rope_qk_backward(gq, gk[..., :1, :], q, k, cos, sin, pos, qw, kw, qr, kr,
+                                      False, 0.0, False)
+    with pytest.raises(ValueError, match=r"q_rstd must be the forward's contiguous"):
+        ops.rms_norm_rope_qk_backward(gq, gk, q, k, cos, sin, pos, qw, kw, qr[..., :1], kr,
+                                      False, 0.0, False)
+
+
+@ENTRIES
 @pytest.mark.parametrize("eps", [0.0, -1e-6, -1.0])
 def test_error_eps_not_positive(device, entry, eps):
     q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)

@@ -36,11 +36,11 @@ struct NormPlan {
 
 constexpr int kFlatBlock = 256;  // threads per block of the scale-gradient launches
 
-inline int64_t norm_total_heads(const NormRopeProblem& np) {
+ROPE_HD int64_t norm_total_heads(const NormRopeProblem& np) {
   return np.across_heads ? np.rope.num_x : total_heads(np.rope);
 }
 
-inline int64_t scale_size(const NormRopeProblem& np, int i) {
+ROPE_HD int64_t scale_size(const NormRopeProblem& np, int i) {
   const HeadsDesc& d = np.rope.x[i];
   return np.across_heads ? d.heads * d.head_dim : d.head_dim;
 }

@@ -134,7 +134,7 @@ inline int64_t pow2_at_least(int64_t v) {
   return p;
 }
 
-inline int64_t total_heads(const RopeProblem& p) {
+ROPE_HD int64_t total_heads(const RopeProblem& p) {
   return p.x[0].heads + (p.num_x > 1 ? p.x[1].heads : 0);
 }
 
