@@ -56,6 +56,24 @@ ISA_FILES = {"avx2": "rope_cpu_avx2.cpp", "avx512": "rope_cpu_avx512.cpp",
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
+def process_libstdcxx():
+    """The libstdc++.so.6 this process runs (the one torch loaded): _C links against it by
+    path, ahead of the driver's own -lstdc++.
+
+    A libstdc++ linked statically into _C is a second copy beside the one torch uses; the
+    two disagree on locale state, and the first number formatted into a stream (an error
+    message) jumps into the wrong virtual function. Seen on the GPU machine's image (Ubuntu
+    24.04, GCC 13, Python's LDSHARED with -Bsymbolic-functions): its build of _C needed no
+    libstdc++.so and defined std::locale itself. With the shared library named on the link
+    line, every C++ runtime symbol resolves to it and no archive member is pulled in."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "/libstdc++.so" in path and os.path.exists(path):
+                return path
+    return None
+
+
 def want_cuda():
     forced = os.environ.get("ROPE_EXT_CUDA")
     if forced is not None:
@@ -167,6 +185,9 @@ def extension():
     isas = cpu_isas()
     cxx += [f"-DROPE_EXT_HAVE_{n.upper()}" for n in isas]
     link = ["-fopenmp"]
+    libstdcxx = process_libstdcxx() if platform.system() == "Linux" else None
+    if libstdcxx:
+        link.append(libstdcxx)
     if sanitize:
         # Fatal on the first finding, so a test run cannot pass over one.
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]

@@ -15,6 +15,7 @@ launch; times are medians. Before timing, every row checks rope_ext against a fl
 rotation on the device.
 
 --quick: the rope_ext and copy columns only (no peers, no torch.compile).
+--sweep-only: the sweep alone (gpu-check runs it last, after the table).
 --sweep: rope_ext under each launch-threshold setting (torch.ops.rope_testing.set_cuda_launch,
          the same settings as ROPE_EXT_CUDA_LAUNCH) on the prefill, training and decode rows.
 --out DIR: also write DIR/bench_gpu.md and DIR/bench_gpu.json.
@@ -41,9 +42,10 @@ ROWS = [("prefill b=1 s=32768", 1, 32768, "fwd"),
         ("train b=8 s=4096 bwd", 8, 4096, "bwd"),
         ("decode b=64 s=1", 64, 1, "decode"),
         ("decode b=1 s=1", 1, 1, "decode")]
-SWEEP = ["", "block_threads=128", "block_threads=512", "max_blocks_per_sm=4",
-         "max_blocks_per_sm=16", "fill_blocks_per_sm=1", "fill_blocks_per_sm=4",
-         "heads_per_item=1", "heads_per_item=4", "index_bits=64"]
+SWEEP = ["", "max_heads_per_item=0", "max_heads_per_item=4", "min_blocks=4",
+         "min_blocks=4,max_heads_per_item=0", "min_blocks=4,max_heads_per_item=4",
+         "min_blocks=4,max_blocks_per_sm=4", "max_blocks_per_sm=3", "block_threads=128",
+         "block_threads=512", "fill_blocks_per_sm=4", "heads_per_item=1", "index_bits=64"]
 FLUSH_BYTES = 256 << 20  # larger than any Hopper L2 (50-60 MB)
 
 
@@ -280,11 +282,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
+    if args.sweep_only:
+        _, lines = sweep()
+        print("\n".join(lines))
+        return
     data, lines = bench(args)
     host, kernel = bench_call.measure("cuda")
     lines += [""] + bench_call.table(host, kernel, "cuda")

@@ -241,6 +241,10 @@ LAUNCH_CONFIGS = {
     "head_items_3": "heads_per_item=3,sm_count=2,max_blocks_per_sm=1",
     "index64": "index_bits=64,heads_per_item=2",
     "scalar": "vectorize=0,block_threads=64",
+    # the vector kernel without __launch_bounds__ (the default holds it to 4 blocks per SM)
+    "plain_kernel": "min_blocks=0,heads_per_item=7",
+    # the cap on heads per token item: 7 heads in items of 3 (3 + 3 + 1)
+    "max_heads_3": "max_heads_per_item=3,fill_blocks_per_sm=0",
 }
 
 
@@ -270,7 +274,7 @@ def test_launch_plans(config, dtype, interleaved, rotary):
 
 
 @pytest.mark.parametrize("spec", ["blocks=3", "block_threads=0", "index_bits=16", "sm_count=-1",
-                                  "heads_per_item=x", "block_threads"])
+                                  "heads_per_item=x", "block_threads", "min_blocks=3"])
 def test_launch_config_rejects_bad_settings(spec):
     with pytest.raises(ValueError, match="launch config"):
         testing.set_cuda_launch(spec)
@@ -294,11 +298,17 @@ def test_planner_picks_the_grid_for_the_shape():
     assert int(decode["heads_per_item"]) < 40 and decode["vec"] == "8" and decode["table_vec"] == "4"
     # 2048 tokens x 32 per block = 64 blocks of 256 threads: enough for 16 SMs, so each
     # item is one token with all its heads ...
-    with cuda_launch("sm_count=16"):
+    with cuda_launch("sm_count=16,max_heads_per_item=0"):
         prefill = plan_of(1, 2048, 4, 2)
     assert prefill["heads_per_item"] == "6", prefill
     assert (prefill["block_x"], prefill["block_y"], prefill["grid"]) == ("8", "32", "64"), prefill
     assert prefill["index64"] == "0"
+    # ... of at most max_heads_per_item (4) heads: 12 heads go in 3 items of 4, each run by
+    # the kernel built for 4 resident blocks per SM.
+    with cuda_launch("sm_count=4"):
+        capped = plan_of(1, 512, 8, 4)
+    assert (capped["heads_per_item"], capped["items"]) == ("4", str(512 * 3)), capped
+    assert capped["min_blocks"] == "4", capped
     # ... but not for 132 (2 blocks per SM wanted): the heads are split in 3 groups of 2.
     assert plan_of(1, 2048, 4, 2)["heads_per_item"] == "2"
     fp32 = plan_of(1, 2048, 4, 2, torch.float32)  # 4 floats per access: 16 threads per head

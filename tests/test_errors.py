@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1007,3 +1008,28 @@ def test_import_refuses_another_torch_release():
     assert run.returncode != 0
     assert "ImportError" in run.stderr and "this environment has torch 1.0.0" in run.stderr, \
         run.stderr[-2000:]
+
+
+def _loaded_library():
+    import rope_ext._ops as ops_module
+
+    if ops_module._library:
+        return ops_module._library
+    from rope_ext import _C
+
+    return _C.__file__
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None
+                    or shutil.which("nm") is None, reason="reads the ELF library with binutils")
+def test_library_imports_the_shared_libstdcxx():
+    # A static copy of libstdc++ inside the library disagrees with torch's copy on locale
+    # state: the first number an error message formats crashes the process (seen on the GPU
+    # machine's image). The library must import libstdc++.so.6 and define none of it.
+    library = _loaded_library()
+    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    defined = subprocess.run(["nm", "-D", "--defined-only", library], capture_output=True,
+                             text=True).stdout
+    locale = [line for line in defined.splitlines() if "_ZNSt6locale" in line]
+    assert not locale, locale[:5]

@@ -25,8 +25,8 @@ import torch
 
 import reference as ref
 import rope_ext
-from conftest import (DEVICES, build_qkv, build_table, check_devices, on_device, op_view,
-                      tdev)
+from conftest import (DEVICES, build_qkv, build_table, check_devices, cpu_kernel, on_device,
+                      op_view, tdev)
 
 rms_norm_rope_qk = rope_ext.rms_norm_rope_qk
 ops = torch.ops.rope
@@ -560,6 +560,40 @@ def test_op_opcheck_backward(device, dtype):
 def test_op_opcheck_inplace(device, dtype):
     for sample in _op_samples(device, dtype, requires_grad=False):
         torch.library.opcheck(ops.rms_norm_rope_qk_.default, sample)
+
+
+def same_layout(t, where):
+    """t's whole storage copied to `where`, viewed with t's sizes, strides and offset."""
+    if t is None:
+        return None
+    storage = t.untyped_storage()
+    flat = t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),))
+    return flat.to(where, copy=True).as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+@pytest.mark.needs_gpu
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=dname)
+def test_gpu_bit_identical_to_host_executor(device, dtype):
+    """The fused kernels on the GPU and executed on the host do the same operations in the same
+    order (lane sums, butterfly, token-group partials; -fmad=false on the device,
+    -ffp-contract=off on the host), so forward, rstd and backward agree bit for bit."""
+    if device != "cuda":
+        pytest.skip("compares the GPU with the host executor")
+    for sample in _op_samples("cpu", dtype, requires_grad=False):
+        q, k, cos, sin, pos, qw, kw, eps, across, offset, inter = sample
+        with cpu_kernel("cuda-host"):
+            host = ops.rms_norm_rope_qk(*sample)
+            gq, gk = torch.randn_like(host[0]), torch.randn_like(host[1])
+            host += ops.rms_norm_rope_qk_backward(gq, gk, q, k, cos, sin, pos, qw, kw, host[2],
+                                                  host[3], across, offset, inter)
+        on_gpu = [same_layout(t, "cuda") for t in (q, k, cos, sin, pos, qw, kw)]
+        gpu = ops.rms_norm_rope_qk(*on_gpu, eps, across, offset, inter)
+        gpu += ops.rms_norm_rope_qk_backward(gq.cuda(), gk.cuda(), *on_gpu, gpu[2], gpu[3],
+                                             across, offset, inter)
+        names = ("q_out", "k_out", "q_rstd", "k_rstd", "grad_q", "grad_k", "grad_q_weight",
+                 "grad_k_weight")
+        for name, g, h in zip(names, gpu, host):
+            assert torch.equal(g.cpu(), h), (name, (g.cpu().double() - h.double()).abs().max())
 
 
 # --- torch.compile ---

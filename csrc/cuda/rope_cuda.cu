@@ -45,13 +45,26 @@ __global__ void rope_kernel(const RopeProblem p, const LaunchPlan plan) {
                                                          static_cast<Index>(threadIdx.y));
 }
 
+// The same body held to 64 registers, so 4 blocks of 256 threads are resident per SM.
+template <typename scalar_t, typename table_t, int N, typename Index>
+__global__ void __launch_bounds__(kOccupancyThreads, 4)
+    rope_kernel_occupancy(const RopeProblem p, const LaunchPlan plan) {
+  rope_thread<scalar_t, table_t, N, Index, DeviceAccess>(p, plan, static_cast<Index>(blockIdx.x),
+                                                         static_cast<Index>(threadIdx.x),
+                                                         static_cast<Index>(threadIdx.y));
+}
+
 struct DeviceRunner {
   cudaStream_t stream;
-  template <typename scalar_t, typename table_t, int N, typename Index>
+  template <typename scalar_t, typename table_t, int N, typename Index, int MinBlocks>
   void run(const RopeProblem& p, const LaunchPlan& plan) {
-    rope_kernel<scalar_t, table_t, N, Index>
-        <<<static_cast<unsigned>(plan.grid), dim3(plan.block_x, plan.block_y), 0, stream>>>(p,
-                                                                                            plan);
+    const dim3 block(plan.block_x, plan.block_y);
+    const auto grid = static_cast<unsigned>(plan.grid);
+    if constexpr (MinBlocks == 4) {
+      rope_kernel_occupancy<scalar_t, table_t, N, Index><<<grid, block, 0, stream>>>(p, plan);
+    } else {
+      rope_kernel<scalar_t, table_t, N, Index><<<grid, block, 0, stream>>>(p, plan);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -14,10 +14,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "norm_rope_cuda_kernel.cuh"
 #include "rope_launch_config.h"
@@ -79,7 +81,8 @@ struct CheckedHostAccess {
 };
 
 struct HostRunner {
-  template <typename scalar_t, typename table_t, int N, typename Index>
+  // MinBlocks changes only the device build's register budget, not what a thread does.
+  template <typename scalar_t, typename table_t, int N, typename Index, int MinBlocks>
   void run(const RopeProblem& p, const LaunchPlan& plan) {
     for (int64_t block = 0; block < plan.grid; ++block) {
       for (int ty = 0; ty < plan.block_y; ++ty) {
@@ -259,21 +262,26 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                  : key == "index_bits"         ? &cfg.index_bits
                  : key == "sm_count"           ? &cfg.sm_count
                  : key == "vectorize"          ? &cfg.vectorize
+                 : key == "max_heads_per_item" ? &cfg.max_heads_per_item
+                 : key == "min_blocks"         ? &cfg.min_blocks
                                                : nullptr;
     if (field == nullptr || eq == std::string::npos) {
       return "unknown setting '" + item +
              "'; the settings are block_threads, max_blocks_per_sm, "
-             "fill_blocks_per_sm, heads_per_item, index_bits, sm_count, vectorize (key=value)";
+             "fill_blocks_per_sm, heads_per_item, max_heads_per_item, index_bits, sm_count, "
+             "vectorize, min_blocks (key=value)";
     }
     const std::string value = item.substr(eq + 1);
     char* end = nullptr;
     const long v = std::strtol(value.c_str(), &end, 10);
     const bool ok = !value.empty() && *end == '\0' && v >= 0 && v <= 1024 &&
                     (key != "block_threads" || v >= 1) &&
-                    (key != "index_bits" || v == 0 || v == 32 || v == 64);
+                    (key != "index_bits" || v == 0 || v == 32 || v == 64) &&
+                    (key != "min_blocks" || v == 0 || v == 4);
     if (!ok) {
       return "bad value '" + value + "' for " + key +
-             " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64)";
+             " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64; min_blocks 0 "
+             "or 4)";
     }
     *field = static_cast<int>(v);
   }
@@ -301,6 +309,16 @@ std::string set_launch_config(const std::string& spec) {
 // As many multiprocessors as an H100 or H200 (132) unless the config says otherwise.
 constexpr int kHostSmCount = 132;
 
+// "key=value,..." with std::to_string: no iostreams on this path (a number formatted
+// through a stream is where a second, statically linked libstdc++ crashes first).
+std::string plan_text(std::initializer_list<std::pair<const char*, int64_t>> fields) {
+  std::string text;
+  for (const auto& [key, value] : fields) {
+    text += (text.empty() ? "" : ",") + std::string(key) + "=" + std::to_string(value);
+  }
+  return text;
+}
+
 void record_plan(const std::string& text) {
   const std::lock_guard<std::mutex> lock(last_plan_mutex);
   last_plan = text;
@@ -313,11 +331,15 @@ void rope_cuda_host(const RopeProblem& p) {
                  [&](ExpectedStores& expected) { expect_rotation_stores(p, expected); });
   TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
               "rope cuda-host: the plan exceeds CUDA's launch limits");
-  std::ostringstream text;
-  text << "grid=" << plan.grid << ",block_x=" << plan.block_x << ",block_y=" << plan.block_y
-       << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec << ",index64=" << int(plan.index64)
-       << ",heads_per_item=" << plan.heads_per_item << ",items=" << plan.items;
-  record_plan(text.str());
+  record_plan(plan_text({{"grid", plan.grid},
+                         {"block_x", plan.block_x},
+                         {"block_y", plan.block_y},
+                         {"vec", plan.vec},
+                         {"table_vec", plan.table_vec},
+                         {"index64", plan.index64 ? 1 : 0},
+                         {"heads_per_item", plan.heads_per_item},
+                         {"items", plan.items},
+                         {"min_blocks", plan.min_blocks}}));
 }
 
 void norm_rope_cuda_host(const NormRopeProblem& np) {
@@ -325,11 +347,13 @@ void norm_rope_cuda_host(const NormRopeProblem& np) {
   const NormPlan plan = plan_and_run_norm(np, launch_config(), kHostSmCount, runner);
   TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
               "rope cuda-host: the plan exceeds CUDA's launch limits");
-  std::ostringstream text;
-  text << "grid=" << plan.grid << ",block_x=" << plan.block_x << ",block_y=" << plan.block_y
-       << ",vec=" << plan.vec << ",table_vec=" << plan.table_vec << ",items=" << plan.items
-       << ",units=" << plan.units;
-  record_plan(text.str());
+  record_plan(plan_text({{"grid", plan.grid},
+                         {"block_x", plan.block_x},
+                         {"block_y", plan.block_y},
+                         {"vec", plan.vec},
+                         {"table_vec", plan.table_vec},
+                         {"items", plan.items},
+                         {"units", plan.units}}));
 }
 
 std::string last_host_plan() {

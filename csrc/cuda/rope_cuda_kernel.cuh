@@ -49,10 +49,16 @@ struct LaunchConfig {
   int max_blocks_per_sm = 8;   // persistent grid: at most this many blocks per SM
   int fill_blocks_per_sm = 2;  // split heads when token-only items give fewer blocks per SM
   int heads_per_item = 0;      // 0: chosen by the rule above; else forced
+  int max_heads_per_item = 4;  // the rule's cap (0: none): token items of at most this many heads
   int index_bits = 0;          // 0: 32 where the problem fits, else 64; 32/64 forces (64 only)
   int sm_count = 0;            // 0: the device's; else assumed (tests of the grid-stride loop)
   int vectorize = 1;           // 0: always the scalar path
+  int min_blocks = 4;          // 4: the vector kernel built for 4 resident blocks per SM; 0: not
 };
+
+// The vector kernel can be built with __launch_bounds__(kOccupancyThreads, 4): at most
+// 64 registers, so 4 blocks of 256 threads fit an SM instead of 3 (more loads in flight).
+constexpr int kOccupancyThreads = 256;
 
 // What one launch does: the grid, the block, the vector width, the code path.
 struct LaunchPlan {
@@ -65,6 +71,7 @@ struct LaunchPlan {
   int64_t heads_per_item = 1;  // all heads of q and k (token items) or fewer (token x head)
   int64_t groups = 1;          // items per token: ceil(heads / heads_per_item)
   int64_t items = 0;           // tokens * groups
+  int min_blocks = 0;          // 0: the plain kernel; 4: the one built for 4 blocks per SM
 };
 
 // ---- the plan: plain functions of the problem, the same on device and host ----
@@ -166,7 +173,10 @@ inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int
     const int64_t token_blocks = ceil_div(tokens, plan.block_y);
     const int64_t want_blocks = sms * cfg.fill_blocks_per_sm;
     if (token_blocks >= want_blocks || heads <= 1) {
-      plan.heads_per_item = heads;
+      // Enough tokens: an item holds the token's heads, up to the cap (smaller items even
+      // out the last wave of the persistent grid; each re-reads the token's cos/sin chunk).
+      const int64_t cap = cfg.max_heads_per_item;
+      plan.heads_per_item = cap > 0 && cap < heads ? cap : heads;
     } else {
       const int64_t splits = ceil_div(want_blocks, token_blocks);
       plan.heads_per_item = ceil_div(heads, splits < heads ? splits : heads);
@@ -181,6 +191,9 @@ inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int
   const int64_t cap = sms * (cfg.max_blocks_per_sm < 1 ? 1 : cfg.max_blocks_per_sm);
   plan.grid = blocks < cap ? blocks : cap;
   if (plan.grid < 1) plan.grid = 1;
+  plan.min_blocks =
+      cfg.min_blocks == 4 && plan.vec > 1 && plan.block_x * plan.block_y <= kOccupancyThreads ? 4
+                                                                                              : 0;
 
   // 32-bit indices when every offset and the item loop (item + stride) fit.
   const int64_t stride = plan.grid * plan.block_y;
@@ -353,7 +366,7 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
 
 // ---- from the problem's dtypes and the plan to one instantiation ----
 //
-// Runner::template run<scalar_t, table_t, N, Index>(problem, plan) launches it (on
+// Runner::template run<scalar_t, table_t, N, Index, MinBlocks>(problem, plan) launches it (on
 // the GPU) or executes it (on the host). The adapter admits float32, float64 and
 // x's own dtype for the table, so only those are instantiated.
 
@@ -361,11 +374,13 @@ template <typename scalar_t, typename table_t, typename Runner>
 void dispatch_vec(const RopeProblem& p, const LaunchPlan& plan, Runner& runner) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
   if (plan.vec == kVec) {
-    if (plan.index64) return runner.template run<scalar_t, table_t, kVec, int64_t>(p, plan);
-    return runner.template run<scalar_t, table_t, kVec, int32_t>(p, plan);
+    if (plan.index64) return runner.template run<scalar_t, table_t, kVec, int64_t, 0>(p, plan);
+    if (plan.min_blocks == 4)
+      return runner.template run<scalar_t, table_t, kVec, int32_t, 4>(p, plan);
+    return runner.template run<scalar_t, table_t, kVec, int32_t, 0>(p, plan);
   }
-  if (plan.index64) return runner.template run<scalar_t, table_t, 1, int64_t>(p, plan);
-  return runner.template run<scalar_t, table_t, 1, int32_t>(p, plan);
+  if (plan.index64) return runner.template run<scalar_t, table_t, 1, int64_t, 0>(p, plan);
+  return runner.template run<scalar_t, table_t, 1, int32_t, 0>(p, plan);
 }
 
 template <typename scalar_t, typename Runner>
