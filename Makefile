@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch, from pip's local wheel store (no multi-GB download).
 TORCH_SPEC ?= torch==2.13.0
 # transformers is a test and benchmark dependency only: the package never imports it.
-DEPS   := numpy pytest hypothesis transformers==5.18.0 setuptools wheel
+DEPS   := numpy pytest pytest-xdist hypothesis transformers==5.18.0 setuptools wheel
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # The CUDA kernel is compiled (not run: no GPU here) against the CUDA build of
@@ -39,6 +39,12 @@ SANITIZE_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_properties.py
 # install is what is tested, and it is built once (an editable build would be a second compile).
 TEST_FROM ?= $(if $(filter true 1,$(CI)),wheel,source)
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist; one per core on the 2-core CI
+# machine) where the venv has xdist: a venv made before it was a dependency runs serially.
+PYTEST_WORKERS ?= 2
+export PYTEST_WORKERS
+xdist = $$($(1) -c "import xdist" >/dev/null 2>&1 && echo "--numprocesses=$(PYTEST_WORKERS)")
+
 # The wheel: built with $(VENV)'s torch, or with ROPE_EXT_CUDA=1 with the CUDA build of
 # torch in $(VENV_CUDA) (the kernel compiled for TORCH_CUDA_ARCH_LIST). Each kind is built
 # in a folder of its own and copied to dist/.
@@ -50,7 +56,7 @@ PY_SOURCES  := $(filter-out rope_ext/_build_info.py,$(wildcard rope_ext/*.py))
 # A clean venv holding the torch the CPU wheel is built for and the test tools; no
 # build: the wheel goes in as a user would install it.
 VENV_WHEEL ?= .venv-wheel
-TEST_DEPS  := numpy pytest hypothesis transformers==5.18.0
+TEST_DEPS  := numpy pytest pytest-xdist hypothesis transformers==5.18.0
 # Where the suite runs against the installed wheel: tests/, README.md (tests/test_readme.py
 # runs its code blocks) and pyproject.toml (pytest's settings), copied; no rope_ext/.
 WHEEL_TEST_DIR ?= build/wheel-test
@@ -89,7 +95,7 @@ ifeq ($(TEST_FROM),wheel)
 test: test-wheel
 else
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(call xdist,$(PY)) tests
 endif
 
 # A fresh build (no library left in build/lib.* by the other kind: build_ext would reuse a
@@ -129,7 +135,12 @@ for f in (rope_ext.__file__, sys.modules["rope_ext._C"].__file__):
     assert os.path.realpath(f).startswith(site), f"{f} is not in {site}: not the installed wheel"
 print(f"==> testing the installed rope_ext {importlib.metadata.version('rope_ext')}: "
       f"{rope_ext.__file__}", flush=True)
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests"]))
+try:
+    import xdist  # noqa: F401
+    workers = ["--numprocesses=" + os.environ.get("PYTEST_WORKERS", "2")]
+except ImportError:
+    workers = []
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *workers, "tests"]))
 endef
 export WHEEL_TEST_PY
 
@@ -182,7 +193,7 @@ sanitize: $(VENV)/.deps
 	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	ROPE_EXT_LIBRARY="$$(ls $(CURDIR)/build/sanitize/rope_ext/_C*.so)" \
-	  $(PY) -m pytest -q -x -p no:cacheprovider $(SANITIZE_TESTS)
+	  $(PY) -m pytest -q -x -p no:cacheprovider $(call xdist,$(PY)) $(SANITIZE_TESTS)
 
 # On the lent GPU machine (the device tool), with its own python3 and torch: no venv here.
 gpu-check:
