@@ -120,7 +120,7 @@ fi
 if [ "$MODE" != quick ] && ! skip sweep; then
   # The launch-threshold sweep last: the table above already holds the default's figures.
   step "launch-threshold sweep"
-  { echo "=== launch-threshold sweep"; timeout $(cap 120) "$PY" benchmarks/bench_gpu.py --sweep-only; } \
+  { echo "=== launch-threshold sweep"; timeout $(cap 120) "$PY" benchmarks/bench_gpu.py --sweep; } \
     >> "$OUT/bench_gpu.log" 2>&1
   note "sweep (exit $?): in $OUT/bench_gpu.log"
 fi

@@ -1,6 +1,7 @@
 """GPU benchmark: rope_ext against a device copy and the RoPE kernels of other libraries.
 
-    python benchmarks/bench_gpu.py [--quick] [--sweep] [--out DIR]
+    python benchmarks/bench_gpu.py [--quick] [--out DIR]
+    python benchmarks/bench_gpu.py --sweep
 
 Llama-3-8B shapes (q [b, s, 32, 128], k [b, s, 8, 128]), bf16 q and k, float32 table:
   prefill b=1 s=32768 (forward); FlashInfer's published shape b=2 s=65536 (forward);
@@ -15,9 +16,9 @@ launch; times are medians. Before timing, every row checks rope_ext against a fl
 rotation on the device.
 
 --quick: the rope_ext and copy columns only (no peers, no torch.compile).
---sweep-only: the sweep alone (gpu-check runs it last, after the table).
---sweep: rope_ext under each launch-threshold setting (torch.ops.rope_testing.set_cuda_launch,
-         the same settings as ROPE_EXT_CUDA_LAUNCH) on the prefill, training and decode rows.
+--sweep: instead of the table, rope_ext under each launch-threshold setting
+         (torch.ops.rope_testing.set_cuda_launch, the same settings as ROPE_EXT_CUDA_LAUNCH)
+         on the prefill, training and decode rows, a table row printed as each is measured.
 --out DIR: also write DIR/bench_gpu.md and DIR/bench_gpu.json.
 """
 
@@ -259,9 +260,8 @@ def sweep():
     settings = torch.ops.rope_testing
     rows = [r for r in ROWS if r[0] in ("prefill b=1 s=32768", "train b=8 s=4096 fwd",
                                         "decode b=64 s=1", "decode b=1 s=1")]
-    out = []
-    lines = ["", "| launch setting | " + " | ".join(r[0] for r in rows) + " |",
-             "|---" * (len(rows) + 1) + "|"]
+    print("| launch setting | " + " | ".join(r[0] for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|", flush=True)
     setups = {r[0]: Setup(r[1], r[2]) for r in rows}
     for spec in SWEEP:
         previous = settings.set_cuda_launch(spec)
@@ -272,35 +272,27 @@ def sweep():
             t, _ = time_row(timer, impl_rope_ext, s, kind)
             cells.append(t * 1e6)
         settings.set_cuda_launch(previous)
-        out.append({"setting": spec or "(defaults)", "us": dict(zip([r[0] for r in rows], cells))})
-        lines.append(f"| {spec or '(defaults)'} | " + " | ".join(f"{c:.1f} us" for c in cells) + " |")
-        print(lines[-1], flush=True)
-    return out, lines
+        print(f"| {spec or '(defaults)'} | " + " | ".join(f"{c:.1f} us" for c in cells) + " |",
+              flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
-    if args.sweep_only:
-        _, lines = sweep()
-        print("\n".join(lines))
-        return
+    if args.sweep:
+        return sweep()
     data, lines = bench(args)
     host, kernel = bench_call.measure("cuda")
     lines += [""] + bench_call.table(host, kernel, "cuda")
     data["per_call"] = {f"{name} ({'grad' if grad else 'no_grad'})": t * 1e6
                         for (grad, name), t in host.items()}
     data["per_call_kernel_us"] = {name: t * 1e6 for name, t in kernel.items()}
-    if args.sweep:
-        data["sweep"], sweep_lines = sweep()
-        lines += sweep_lines
     print("\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

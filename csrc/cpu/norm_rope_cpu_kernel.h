@@ -19,37 +19,21 @@
 namespace rope::cpu {
 namespace CPU_CAPABILITY {
 
-// n elements of x at stride sd into buf (the math type, unit stride).
-template <typename scalar_t>
-void load_row(const scalar_t* x, int64_t sd, opmath_t<scalar_t>* buf, int64_t n) {
-  using T = opmath_t<scalar_t>;
-  if (sd != 1) {
-    for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<T>(x[d * sd]);
+// n elements of x (stride sx) into y (stride sy), converted; one of the two types is the
+// other's math type, and a narrowing rounds as the rotation's stores round.
+template <typename from_t, typename to_t>
+void convert_row(const from_t* x, int64_t sx, to_t* y, int64_t sy, int64_t n) {
+  if (sx != 1 || sy != 1) {
+    for (int64_t d = 0; d < n; ++d) y[d * sy] = static_cast<to_t>(x[d * sx]);
     return;
   }
-  using In = Block<scalar_t>;
-  using Out = Block<T>;
+  using In = Block<from_t>;
+  using Out = Block<to_t>;
+  static_assert(In::kSize == Out::kSize);
   for (int64_t d = 0; d < n; d += In::kSize) {
     const int64_t m = std::min(In::kSize, n - d);
     typename In::V lo, hi;
     In::load(x + d, m, lo, hi);
-    Out::store(buf + d, m, lo, hi);
-  }
-}
-
-// n elements of buf into y at stride sd, rounded as the rotation's stores round.
-template <typename scalar_t>
-void store_row(const opmath_t<scalar_t>* buf, scalar_t* y, int64_t sd, int64_t n) {
-  if (sd != 1) {
-    for (int64_t d = 0; d < n; ++d) y[d * sd] = static_cast<scalar_t>(buf[d]);
-    return;
-  }
-  using In = Block<opmath_t<scalar_t>>;
-  using Out = Block<scalar_t>;
-  for (int64_t d = 0; d < n; d += Out::kSize) {
-    const int64_t m = std::min(Out::kSize, n - d);
-    typename Out::V lo, hi;
-    In::load(buf + d, m, lo, hi);
     Out::store(y + d, m, lo, hi);
   }
 }
@@ -69,7 +53,7 @@ template <typename scalar_t>
 void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int64_t heads,
                 int64_t head_dim, opmath_t<scalar_t>* buf) {
   for (int64_t h = 0; h < heads; ++h) {
-    load_row(x + h * stride_head, stride_dim, buf + h * head_dim, head_dim);
+    convert_row(x + h * stride_head, stride_dim, buf + h * head_dim, 1, head_dim);
   }
 }
 
@@ -237,11 +221,11 @@ void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_sd, sca
                       const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
                       const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
   if (x_sd == 1 && y_sd == 1) return scale_rotate_head<kStream>(p, x, y, head_dim, c, s, r, w);
-  load_row(x, x_sd, scratch, head_dim);
+  convert_row(x, x_sd, scratch, 1, head_dim);
   if (y_sd == 1) return scale_rotate_head<false>(p, scratch, y, head_dim, c, s, r, w);
   scale_row(scratch, scratch, r, w, head_dim);
   rotate_head_strided(scratch, 1, y, y_sd, c, s, p.pairs, p.interleaved);
-  store_row(scratch + 2 * p.pairs, y + 2 * p.pairs * y_sd, y_sd, head_dim - 2 * p.pairs);
+  convert_row(scratch + 2 * p.pairs, 1, y + 2 * p.pairs * y_sd, y_sd, head_dim - 2 * p.pairs);
 }
 
 // One head of y rotated (by the table row c, s) into buf, the math type; y[r:] copied.
@@ -256,7 +240,8 @@ void rotate_into_buffer(const RopeProblem& p, const scalar_t* y, int64_t stride_
   } else {
     rotate_head_strided(y, stride_dim, buf, 1, c, s, p.pairs, p.interleaved);
   }
-  load_row(y + 2 * p.pairs * stride_dim, stride_dim, buf + 2 * p.pairs, head_dim - 2 * p.pairs);
+  convert_row(y + 2 * p.pairs * stride_dim, stride_dim, buf + 2 * p.pairs, 1,
+              head_dim - 2 * p.pairs);
 }
 
 // Elements of the largest tensor row (heads * head_dim) of q and k.
@@ -432,7 +417,7 @@ void norm_rope_backward(const NormRopeProblem& np) {
               const int64_t m = std::min<int64_t>(V::size(), D - d);
               (vr * (V::loadu(dn + d, m) - V::loadu(nn + d, m) * vmean)).store(dn + d, m);
             }
-            store_row(dn, out + head * h.out_stride_head, h.out_stride_dim, D);
+            convert_row(dn, 1, out + head * h.out_stride_head, h.out_stride_dim, D);
           }
         }
       }

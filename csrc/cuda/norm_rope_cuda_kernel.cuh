@@ -125,7 +125,6 @@ struct NormItem {
 template <typename table_t, int N, typename T, typename Access>
 ROPE_HD void table_chunk(const RopeProblem& p, bool table_runs, int64_t b, int64_t s, int64_t i0,
                          T (&c)[N], T (&sn)[N]) {
-  constexpr int TN = kTableRun<table_t, N>;
   const TableIndex& t = p.table;
   const bool has_positions = t.pos32 != nullptr || t.pos64 != nullptr;
   const int64_t pos = has_positions ? token_position(t, b, s) : 0;
@@ -137,27 +136,7 @@ ROPE_HD void table_chunk(const RopeProblem& p, bool table_runs, int64_t b, int64
   const T sign = p.inverse ? T(-1) : T(1);
   const table_t* cos_row = static_cast<const table_t*>(p.cos) + cos_offset(t, b, s, pos);
   const table_t* sin_row = static_cast<const table_t*>(p.sin) + sin_offset(t, b, s, pos);
-  if (table_runs) {
-    ROPE_UNROLL
-    for (int j = 0; j < N; j += TN) {
-      const Pack<table_t, TN> cp = Access::template load<table_t, TN>(cos_row + i0 + j);
-      const Pack<table_t, TN> sp = Access::template load<table_t, TN>(sin_row + i0 + j);
-      ROPE_UNROLL
-      for (int u = 0; u < TN; ++u) {
-        c[j + u] = static_cast<T>(cp.v[u]);
-        sn[j + u] = sign * static_cast<T>(sp.v[u]);
-      }
-    }
-    return;
-  }
-  ROPE_UNROLL
-  for (int j = 0; j < N; ++j) {
-    c[j] = static_cast<T>(
-        Access::template load<table_t, 1>(cos_row + (i0 + j) * t.cos_stride_pair).v[0]);
-    sn[j] =
-        sign * static_cast<T>(
-                   Access::template load<table_t, 1>(sin_row + (i0 + j) * t.sin_stride_pair).v[0]);
-  }
+  load_table_chunk<table_t, N, T, Access>(t, cos_row, sin_row, i0, table_runs, sign, c, sn);
 }
 
 // Run `unit` of a head: a pair chunk (lo at lo_off, hi at hi_off, N elements each) or,

@@ -309,19 +309,20 @@ std::string set_launch_config(const std::string& spec) {
 // As many multiprocessors as an H100 or H200 (132) unless the config says otherwise.
 constexpr int kHostSmCount = 132;
 
-// "key=value,..." with std::to_string: no iostreams on this path (a number formatted
-// through a stream is where a second, statically linked libstdc++ crashes first).
-std::string plan_text(std::initializer_list<std::pair<const char*, int64_t>> fields) {
+// A host-executed plan must fit CUDA's launch limits (at most 1024 threads per block, a
+// grid below 2**31); it is kept as "key=value,..." for the tests (last_host_plan), built
+// with std::to_string: no iostreams on this path (a number formatted through a stream is
+// where a second, statically linked libstdc++ crashes first).
+void record_plan(int64_t grid, int64_t block_threads,
+                 std::initializer_list<std::pair<const char*, int64_t>> fields) {
+  TORCH_CHECK(block_threads <= 1024 && grid < (int64_t{1} << 31),
+              "rope cuda-host: the plan exceeds CUDA's launch limits");
   std::string text;
   for (const auto& [key, value] : fields) {
     text += (text.empty() ? "" : ",") + std::string(key) + "=" + std::to_string(value);
   }
-  return text;
-}
-
-void record_plan(const std::string& text) {
   const std::lock_guard<std::mutex> lock(last_plan_mutex);
-  last_plan = text;
+  last_plan = std::move(text);
 }
 
 void rope_cuda_host(const RopeProblem& p) {
@@ -329,31 +330,29 @@ void rope_cuda_host(const RopeProblem& p) {
   LaunchPlan plan;
   checked_launch([&] { plan = plan_and_run(p, launch_config(), kHostSmCount, runner); },
                  [&](ExpectedStores& expected) { expect_rotation_stores(p, expected); });
-  TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
-              "rope cuda-host: the plan exceeds CUDA's launch limits");
-  record_plan(plan_text({{"grid", plan.grid},
-                         {"block_x", plan.block_x},
-                         {"block_y", plan.block_y},
-                         {"vec", plan.vec},
-                         {"table_vec", plan.table_vec},
-                         {"index64", plan.index64 ? 1 : 0},
-                         {"heads_per_item", plan.heads_per_item},
-                         {"items", plan.items},
-                         {"min_blocks", plan.min_blocks}}));
+  record_plan(plan.grid, plan.block_x * plan.block_y,
+              {{"grid", plan.grid},
+               {"block_x", plan.block_x},
+               {"block_y", plan.block_y},
+               {"vec", plan.vec},
+               {"table_vec", plan.table_vec},
+               {"index64", plan.index64 ? 1 : 0},
+               {"heads_per_item", plan.heads_per_item},
+               {"items", plan.items},
+               {"min_blocks", plan.min_blocks}});
 }
 
 void norm_rope_cuda_host(const NormRopeProblem& np) {
   NormHostRunner runner;
   const NormPlan plan = plan_and_run_norm(np, launch_config(), kHostSmCount, runner);
-  TORCH_CHECK(plan.block_x * plan.block_y <= 1024 && plan.grid < (int64_t{1} << 31),
-              "rope cuda-host: the plan exceeds CUDA's launch limits");
-  record_plan(plan_text({{"grid", plan.grid},
-                         {"block_x", plan.block_x},
-                         {"block_y", plan.block_y},
-                         {"vec", plan.vec},
-                         {"table_vec", plan.table_vec},
-                         {"items", plan.items},
-                         {"units", plan.units}}));
+  record_plan(plan.grid, plan.block_x * plan.block_y,
+              {{"grid", plan.grid},
+               {"block_x", plan.block_x},
+               {"block_y", plan.block_y},
+               {"vec", plan.vec},
+               {"table_vec", plan.table_vec},
+               {"items", plan.items},
+               {"units", plan.units}});
 }
 
 std::string last_host_plan() {

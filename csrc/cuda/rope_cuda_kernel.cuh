@@ -237,12 +237,44 @@ template <typename table_t, int N>
 constexpr int kTableRun =
     16 / static_cast<int>(sizeof(table_t)) < N ? 16 / static_cast<int>(sizeof(table_t)) : N;
 
+// cos/sin of pairs [i0, i0 + N) of one table row, sin times `sign` (-1 for the inverse):
+// runs of kTableRun elements where the rows allow (table_runs: aligned, unit stride), else
+// element by element at t's pair strides. The rotation and the fused norm kernels load
+// their table chunks through this one function.
+template <typename table_t, int N, typename T, typename Access, typename Index>
+ROPE_HD void load_table_chunk(const TableIndex& t, const table_t* cos_row, const table_t* sin_row,
+                              Index i0, bool table_runs, T sign, T (&c)[N], T (&sn)[N]) {
+  constexpr int TN = kTableRun<table_t, N>;
+  if (table_runs) {
+    ROPE_UNROLL
+    for (int j = 0; j < N; j += TN) {
+      const Pack<table_t, TN> cp = Access::template load<table_t, TN>(cos_row + i0 + j);
+      const Pack<table_t, TN> sp = Access::template load<table_t, TN>(sin_row + i0 + j);
+      ROPE_UNROLL
+      for (int u = 0; u < TN; ++u) {
+        c[j + u] = static_cast<T>(cp.v[u]);
+        sn[j + u] = sign * static_cast<T>(sp.v[u]);
+      }
+    }
+    return;
+  }
+  const Index cos_stride_pair = static_cast<Index>(t.cos_stride_pair),
+              sin_stride_pair = static_cast<Index>(t.sin_stride_pair);
+  ROPE_UNROLL
+  for (int j = 0; j < N; ++j) {
+    c[j] = static_cast<T>(
+        Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_stride_pair).v[0]);
+    sn[j] =
+        sign * static_cast<T>(
+                   Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_stride_pair).v[0]);
+  }
+}
+
 template <typename scalar_t, typename table_t, int N, typename Index, typename Access>
 ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index block, Index tx,
                          Index ty) {
   using T = opmath_t<scalar_t>;
-  constexpr int TN = kTableRun<table_t, N>;
-  // plan.table_vec is TN (aligned unit-stride rows) or 1: a branch uniform over the launch.
+  // plan.table_vec is kTableRun (aligned unit-stride rows) or 1: uniform over the launch.
   const bool table_runs = plan.table_vec > 1;
   const TableIndex& t = p.table;
   const Index seq = static_cast<Index>(p.seq);
@@ -289,28 +321,8 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
       const Index i0 = chunk * N;
       // This chunk's cos/sin: read once, reused for every head of the item.
       T c[N], sn[N];
-      if (in_table && table_runs) {
-        ROPE_UNROLL
-        for (int j = 0; j < N; j += TN) {
-          const Pack<table_t, TN> cp = Access::template load<table_t, TN>(cos_row + i0 + j);
-          const Pack<table_t, TN> sp = Access::template load<table_t, TN>(sin_row + i0 + j);
-          ROPE_UNROLL
-          for (int u = 0; u < TN; ++u) {
-            c[j + u] = static_cast<T>(cp.v[u]);
-            sn[j + u] = sign * static_cast<T>(sp.v[u]);
-          }
-        }
-      } else if (in_table) {
-        const Index cos_stride_pair = static_cast<Index>(t.cos_stride_pair),
-                    sin_stride_pair = static_cast<Index>(t.sin_stride_pair);
-        ROPE_UNROLL
-        for (int j = 0; j < N; ++j) {
-          c[j] = static_cast<T>(
-              Access::template load<table_t, 1>(cos_row + (i0 + j) * cos_stride_pair).v[0]);
-          sn[j] = sign *
-                  static_cast<T>(
-                      Access::template load<table_t, 1>(sin_row + (i0 + j) * sin_stride_pair).v[0]);
-        }
+      if (in_table) {
+        load_table_chunk<table_t, N, T, Access>(t, cos_row, sin_row, i0, table_runs, sign, c, sn);
       } else if (computed) {
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
