@@ -2,10 +2,10 @@
 # Everything that needs a GPU, in one command, for a lent H100/H200 (torch preinstalled):
 #   make gpu-check (full, at most GPU_CHECK_BUDGET=480 s)   make gpu-check-quick   (3-4 min)
 # full:  build for sm_90a; tests/test_cuda.py and tests/test_norm_rope.py on the GPU;
-#        benchmarks/bench_gpu.py with the peers, the launch-threshold sweep and the per-call
-#        table, and benchmarks/bench_norm_rope.py (the fused QK-norm); compute-sanitizer
-#        memcheck and racecheck on a reduced set; export and AOTInductor on CUDA.
-#        (In that order: if the call runs out of time, the figures are already in $OUT.)
+#        benchmarks/bench_gpu.py (the peers and the per-call table) and
+#        benchmarks/bench_norm_rope.py (the fused QK-norm); compute-sanitizer memcheck and
+#        racecheck on a reduced set; the launch-threshold sweep; export and AOTInductor on
+#        CUDA. (In that order: if the call runs out of time, the figures are already in $OUT.)
 # quick: build; tests/test_cuda.py; rope_ext against a device copy (bench_gpu.py --quick).
 # confirm: full without the benchmark table (a second call, after fixes: tests, sanitizer,
 #        sweep, export). Every step's timeout is capped by GPU_CHECK_BUDGET (seconds).
