@@ -539,6 +539,36 @@ def test_op_backward_matches_autograd(device, dtype):
                                        msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_weight_off_a_16_byte_boundary(device, dtype, backward):
+    """A float32 weight one element off a 16-byte boundary (a slice of a larger buffer) is
+    used as the kernel's scale as it is: the CUDA kernel must then read it one element per
+    access (plan scale_runs=0; a 16-byte access would fault on a GPU, and the host executor
+    refuses it), an aligned one 16 bytes per access (scale_runs=1). The same results."""
+    _, q, k, _, _ = make_qk("bshd", "contiguous", dtype)
+    cos, sin, pos = build_table("pos_bs", B, S, D // 2)
+    args = [to(device, t) for t in (q, k, cos, sin, pos)]
+    weights = [to(device, w) for w in make_weights(False, 0.0, torch.float32)]
+    shifted = [torch.cat([w.new_zeros(1), w])[1:] for w in weights]
+    assert shifted[0].data_ptr() % 16 == 4
+    results, plans = [], []
+    for qw, kw in (weights, shifted):
+        outs = ops.rms_norm_rope_qk(*args, qw, kw, 1e-6, False, 0.0, False)
+        if backward:
+            grads = [torch.full_like(t, 0.5) for t in outs[:2]]
+            outs = ops.rms_norm_rope_qk_backward(*grads, *args, qw, kw, outs[2], outs[3], False,
+                                                 0.0, False)
+        results.append(outs)
+        if device == "cuda-host":
+            plans.append(dict(kv.split("=") for kv in
+                              torch.ops.rope_testing.last_host_plan().split(",")))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    if device == "cuda-host":
+        assert [p_["scale_runs"] for p_ in plans] == ["1", "0"], plans
+
+
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=dname)
 def test_op_opcheck(device, dtype):
     for sample in _op_samples(device, dtype, requires_grad=True):

@@ -23,11 +23,12 @@
 namespace rope::cuda {
 
 struct NormPlan {
-  int64_t grid = 1;   // blocks of the item launch (a persistent grid)
-  int block_x = 1;    // lanes per item
-  int block_y = 1;    // items per block
-  int vec = 1;        // elements per run (16 bytes' worth, or 1)
-  int table_vec = 1;  // elements of cos/sin per access
+  int64_t grid = 1;         // blocks of the item launch (a persistent grid)
+  int block_x = 1;          // lanes per item
+  int block_y = 1;          // items per block
+  int vec = 1;              // elements per run (16 bytes' worth, or 1)
+  int table_vec = 1;        // elements of cos/sin per access
+  bool scale_runs = false;  // the scale read 16 bytes per access (else one element)
   int64_t items = 0;
   int64_t units = 0;  // runs per head: pair chunks, then pass-through runs
   // The scale-gradient launches (backward): one thread per partial sum, then per sum.
@@ -67,6 +68,12 @@ inline NormPlan plan_norm_launch(const NormRopeProblem& np, const LaunchConfig& 
   plan.vec =
       (cfg.vectorize != 0 && norm_vectorizes(np, vec, elem_size)) ? static_cast<int>(vec) : 1;
   plan.table_vec = table_run(p, plan.vec, table_elem_size);
+  // A run's scale elements sit at a multiple of vec from the scale's start, vec elements
+  // being 16 bytes or more of the scale's type: 16-byte loads where the scale is aligned.
+  plan.scale_runs = plan.vec > 1;
+  for (int i = 0; i < p.num_x; ++i) {
+    plan.scale_runs = plan.scale_runs && aligned_to(np.norm[i].scale, 16);
+  }
   const int64_t head_dim = p.x[0].head_dim;  // the adapter requires q's == k's
   plan.units = p.pairs / plan.vec + (head_dim - 2 * p.pairs) / plan.vec;
   // A head's runs, or 32 lanes for a norm over all heads (many runs per item).
@@ -95,7 +102,18 @@ inline NormPlan plan_norm_launch(const NormRopeProblem& np, const LaunchConfig& 
   return plan;
 }
 
-// The item's token, tensor (0: q, 1: k) and heads.
+// a / b for a >= 0, b > 0: in 32 bits where both fit (every real problem), as a 64-bit
+// division is a long software routine on the GPU; the same quotient either way.
+ROPE_HD int64_t quotient(int64_t a, int64_t b) {
+  constexpr int64_t k32 = std::numeric_limits<int32_t>::max();
+  if (a <= k32 && b <= k32) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  return a / b;
+}
+
+// The item's token, tensor (0: q, 1: k) and heads: found once per item (the kernel loop
+// and the host executor pass it to both phases).
 struct NormItem {
   int64_t b, s, token;
   int i;
@@ -104,9 +122,9 @@ struct NormItem {
   ROPE_HD NormItem(const NormRopeProblem& np, int64_t item) {
     const RopeProblem& p = np.rope;
     const int64_t per_token = norm_total_heads(np);
-    token = item / per_token;
+    token = quotient(item, per_token);
     const int64_t h = item - token * per_token;
-    b = token / p.seq;
+    b = quotient(token, p.seq);
     s = token - b * p.seq;
     if (np.across_heads) {
       i = static_cast<int>(h);
@@ -169,11 +187,25 @@ ROPE_HD void store_run(scalar_t* y, const T (&v)[N]) {
   Access::template store<scalar_t, N>(y, pk);
 }
 
-// The scale (weight + offset) of elements [off, off + N) of head `head`.
+// The scale (weight + offset) of elements [off, off + N) of head `head`: 16 bytes per
+// access where the plan allows (plan.scale_runs), else one element per access.
 template <int N, typename T, typename Access>
-ROPE_HD void scale_run(const NormRopeProblem& np, int i, int64_t head, int64_t off, T (&w)[N]) {
+ROPE_HD void scale_run(const NormRopeProblem& np, const NormPlan& plan, int i, int64_t head,
+                       int64_t off, T (&w)[N]) {
   const T* scale = static_cast<const T*>(np.norm[i].scale) +
                    (np.across_heads ? head * np.rope.x[i].head_dim : 0) + off;
+  constexpr int kRun = 16 / static_cast<int>(sizeof(T));
+  if constexpr (N % kRun == 0) {
+    if (plan.scale_runs) {
+      ROPE_UNROLL
+      for (int j = 0; j < N; j += kRun) {
+        const Pack<T, kRun> pk = Access::template load<T, kRun>(scale + j);
+        ROPE_UNROLL
+        for (int m = 0; m < kRun; ++m) w[j + m] = pk.v[m];
+      }
+      return;
+    }
+  }
   ROPE_UNROLL
   for (int j = 0; j < N; ++j) w[j] = Access::template load<T, 1>(scale + j).v[0];
 }
@@ -188,9 +220,8 @@ ROPE_HD int64_t group_count(const NormRopeProblem& np, const NormItem& it) {
 // Phase 1: this lane's sum of x**2.
 template <typename scalar_t, typename table_t, int N, typename Access>
 ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const NormPlan& plan,
-                                            int64_t item, int64_t lane) {
+                                            const NormItem& it, int64_t lane) {
   using T = opmath_t<scalar_t>;
-  const NormItem it(np, item);
   const HeadsDesc& d = np.rope.x[it.i];
   T sum = T(0);
   for (int64_t head = it.head_begin; head < it.head_end; ++head) {
@@ -215,10 +246,9 @@ ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const Nor
 
 // Phase 2: normalize, scale, rotate, store; lane 0 keeps rstd.
 template <typename scalar_t, typename table_t, int N, typename Access>
-ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan, int64_t item,
+ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan, const NormItem& it,
                                 int64_t lane, opmath_t<scalar_t> total) {
   using T = opmath_t<scalar_t>;
-  const NormItem it(np, item);
   const RopeProblem& p = np.rope;
   const HeadsDesc& d = p.x[it.i];
   const T r = inverse_rms(total, group_count(np, it), np.eps);
@@ -236,12 +266,12 @@ ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan,
       unit_offsets(unit, p.pairs, N, p.interleaved, lo_off, hi_off);
       T lo[N], hi[N], w[N];
       load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, lo);
-      scale_run<N, T, Access>(np, it.i, head, lo_off, w);
+      scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
       ROPE_UNROLL
       for (int j = 0; j < N; ++j) lo[j] = lo[j] * r * w[j];
       if (hi_off >= 0) {
         load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, hi);
-        scale_run<N, T, Access>(np, it.i, head, hi_off, w);
+        scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) hi[j] = hi[j] * r * w[j];
         T c[N], sn[N];
@@ -280,7 +310,7 @@ ROPE_HD void backward_run(const NormRopeProblem& np, const NormPlan& plan, const
     table_chunk<table_t, N, T, Access>(p, plan.table_vec > 1, it.b, it.s, unit * N, c, sn);
     rotate_chunk(dn_lo, dn_hi, c, sn, p.interleaved);  // u (inverse: sin negated)
     load_run<scalar_t, N, T, Access>(x + hi_off * nd.x_stride_dim, nd.x_stride_dim, n_hi);
-    scale_run<N, T, Access>(np, it.i, head, hi_off, w);
+    scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
     ROPE_UNROLL
     for (int j = 0; j < N; ++j) {
       n_hi[j] = n_hi[j] * r;
@@ -288,7 +318,7 @@ ROPE_HD void backward_run(const NormRopeProblem& np, const NormPlan& plan, const
     }
   }
   load_run<scalar_t, N, T, Access>(x + lo_off * nd.x_stride_dim, nd.x_stride_dim, n_lo);
-  scale_run<N, T, Access>(np, it.i, head, lo_off, w);
+  scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
   ROPE_UNROLL
   for (int j = 0; j < N; ++j) {
     n_lo[j] = n_lo[j] * r;
@@ -305,9 +335,8 @@ ROPE_HD T item_rstd(const NormRopeProblem& np, const NormItem& it) {
 // Phase 1: this lane's sum of dn * n.
 template <typename scalar_t, typename table_t, int N, typename Access>
 ROPE_HD opmath_t<scalar_t> norm_backward_sum(const NormRopeProblem& np, const NormPlan& plan,
-                                             int64_t item, int64_t lane) {
+                                             const NormItem& it, int64_t lane) {
   using T = opmath_t<scalar_t>;
-  const NormItem it(np, item);
   const T r = item_rstd<T>(np, it);
   T sum = T(0);
   for (int64_t head = it.head_begin; head < it.head_end; ++head) {
@@ -329,10 +358,9 @@ ROPE_HD opmath_t<scalar_t> norm_backward_sum(const NormRopeProblem& np, const No
 
 // Phase 2: grad_x = rstd * (dn - n * mean(dn * n)).
 template <typename scalar_t, typename table_t, int N, typename Access>
-ROPE_HD void norm_backward_store(const NormRopeProblem& np, const NormPlan& plan, int64_t item,
-                                 int64_t lane, opmath_t<scalar_t> total) {
+ROPE_HD void norm_backward_store(const NormRopeProblem& np, const NormPlan& plan,
+                                 const NormItem& it, int64_t lane, opmath_t<scalar_t> total) {
   using T = opmath_t<scalar_t>;
-  const NormItem it(np, item);
   const HeadsDesc& d = np.rope.x[it.i];
   const T r = item_rstd<T>(np, it);
   const T mean = total / static_cast<T>(group_count(np, it));

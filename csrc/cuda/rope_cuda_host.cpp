@@ -187,19 +187,19 @@ struct NormHostRunner {
           for (int64_t block = 0; block < plan.grid; ++block) {
             for (int64_t base = block * plan.block_y; base < plan.items; base += stride) {
               for (int64_t ty = 0; ty < plan.block_y && base + ty < plan.items; ++ty) {
-                const int64_t item = base + ty;
+                const NormItem it(np, base + ty);
                 T sums[32];
                 for (int lane = 0; lane < plan.block_x; ++lane) {
-                  sums[lane] =
-                      np.backward ? norm_backward_sum<scalar_t, table_t, N, A>(np, plan, item, lane)
-                                  : norm_forward_sum<scalar_t, table_t, N, A>(np, plan, item, lane);
+                  sums[lane] = np.backward
+                                   ? norm_backward_sum<scalar_t, table_t, N, A>(np, plan, it, lane)
+                                   : norm_forward_sum<scalar_t, table_t, N, A>(np, plan, it, lane);
                 }
                 butterfly_host(sums, plan.block_x);
                 for (int lane = 0; lane < plan.block_x; ++lane) {
                   if (np.backward) {
-                    norm_backward_store<scalar_t, table_t, N, A>(np, plan, item, lane, sums[lane]);
+                    norm_backward_store<scalar_t, table_t, N, A>(np, plan, it, lane, sums[lane]);
                   } else {
-                    norm_forward_store<scalar_t, table_t, N, A>(np, plan, item, lane, sums[lane]);
+                    norm_forward_store<scalar_t, table_t, N, A>(np, plan, it, lane, sums[lane]);
                   }
                 }
               }
@@ -351,6 +351,7 @@ void norm_rope_cuda_host(const NormRopeProblem& np) {
                {"block_y", plan.block_y},
                {"vec", plan.vec},
                {"table_vec", plan.table_vec},
+               {"scale_runs", plan.scale_runs ? 1 : 0},
                {"items", plan.items},
                {"units", plan.units}});
 }
