@@ -394,8 +394,9 @@ void norm_rope_backward(const NormRopeProblem& np) {
           load_heads(
               static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch + s * nd.x_stride_seq,
               nd.x_stride_head, nd.x_stride_dim, h.heads, D, xbuf.data());
-          // One pass per head: n = x * rstd (into xbuf), the scale's gradient += u * n,
-          // dn = u * scale (into ubuf), and the head's sum of dn * n.
+          // One pass per head: with n = x * rstd and dn = u * scale, the scale's gradient
+          // += u * n and the head's sum of dn * n. n and dn are not stored: the last pass
+          // forms them again, as stores, not arithmetic, bound this kernel.
           using V = Vectorized<T>;
           for (int64_t head = 0; head < h.heads; ++head) {
             const V r(np.across_heads ? rstd[tok] : rstd[tok * h.heads + head]);
@@ -411,8 +412,6 @@ void norm_rope_backward(const NormRopeProblem& np) {
               const V dn = u * V::loadu(w + d, m);
               (V::loadu(acc + d, m) + u * n).store(acc + d, m);
               dots = dots + dn * n;  // lanes past m are zero
-              dn.store(uh + d, m);
-              n.store(xh + d, m);
             }
             head_dots[head] =
                 at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, dots);
@@ -437,13 +436,29 @@ void norm_rope_backward(const NormRopeProblem& np) {
             const T mean = np.across_heads ? dot_all / static_cast<T>(h.heads * D)
                                            : head_dots[head] / static_cast<T>(D);
             const V vr(r), vmean(mean);
-            T* dn = ubuf.data() + head * D;
-            const T* nn = xbuf.data() + head * D;
-            for (int64_t d = 0; d < D; d += V::size()) {
-              const int64_t m = std::min<int64_t>(V::size(), D - d);
-              (vr * (V::loadu(dn + d, m) - V::loadu(nn + d, m) * vmean)).store(dn + d, m);
+            T* uh = ubuf.data() + head * D;
+            const T* xh = xbuf.data() + head * D;
+            const T* w = scale + (np.across_heads ? head * D : 0);
+            scalar_t* out_head = out + head * h.out_stride_head;
+            using Math = Block<T>;
+            using Out = Block<scalar_t>;
+            // grad_x = rstd * (u * scale - (x * rstd) * mean): at unit stride straight into
+            // the output, else through ubuf.
+            for (int64_t d = 0; d < D; d += Out::kSize) {
+              const int64_t m = std::min(Out::kSize, D - d);
+              V u0, u1, x0, x1, w0, w1;
+              Math::load(uh + d, m, u0, u1);
+              Math::load(xh + d, m, x0, x1);
+              Math::load(w + d, m, w0, w1);
+              const V g0 = vr * (u0 * w0 - (x0 * vr) * vmean);
+              const V g1 = vr * (u1 * w1 - (x1 * vr) * vmean);
+              if (h.out_stride_dim == 1) {
+                Out::store(out_head + d, m, g0, g1);
+              } else {
+                Math::store(uh + d, m, g0, g1);
+              }
             }
-            convert_row(dn, 1, out + head * h.out_stride_head, h.out_stride_dim, D);
+            if (h.out_stride_dim != 1) convert_row(uh, 1, out_head, h.out_stride_dim, D);
           }
         }
       }
