@@ -539,6 +539,36 @@ def test_op_backward_matches_autograd(device, dtype):
                                        msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("launch", ["block_threads=2", "block_threads=2,vectorize=0"])
+def test_lanes_with_several_units(device, launch):
+    """A block narrower than a head's units: each lane takes several runs of the head and
+    phase 2 of the CUDA forward reads them again, where with one run a lane keeps it in
+    registers from phase 1. The plan must say so, and the results match the default plan's
+    (up to the order of the sum of squares) and the float64 reference."""
+    if device == "cpu":
+        pytest.skip("a launch setting of the CUDA kernel")
+    d = 64  # 4 runs of 16 bytes a head in bf16, 32 of one element
+    _, q, k, qv, kv = make_qk("bshd", "contiguous", torch.bfloat16, head_dim=d)
+    cos, sin, pos = build_table("pos_bs", B, S, d // 2)
+    qw, kw = make_weights(False, 0.0, torch.float32, head_dim=d)
+    args = [to(device, t) for t in (q, k, cos, sin, pos, qw, kw)]
+    default = ops.rms_norm_rope_qk(*args, 1e-6, False, 0.0, False)
+    previous = torch.ops.rope_testing.set_cuda_launch(launch)
+    try:
+        narrow = ops.rms_norm_rope_qk(*args, 1e-6, False, 0.0, False)
+        if device == "cuda-host":
+            plan = dict(kv_.split("=") for kv_ in
+                        torch.ops.rope_testing.last_host_plan().split(","))
+            assert int(plan["units"]) > int(plan["block_x"]), plan
+    finally:
+        torch.ops.rope_testing.set_cuda_launch(previous)
+    for got, want in zip(narrow, default):
+        torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2 ** -7)
+    for name, xv, w, out in (("q", qv, qw, narrow[0]), ("k", kv, kw, narrow[1])):
+        y, want = ref_norm_rope(xv, w, cos, sin, pos, 1e-6, False, 0.0, False)
+        assert_norm_rope_close(out, want, y, d, False, tolerance(torch.bfloat16, d), name)
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
 def test_weight_off_a_16_byte_boundary(device, dtype, backward):

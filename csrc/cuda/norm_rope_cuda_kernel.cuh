@@ -9,8 +9,9 @@
 // and pass-through runs of x[r:]. An item runs in two phases:
 //   1. each lane sums its part (forward: x**2; backward: dn * n);
 //   2. the lanes' sums are combined in a fixed butterfly (a warp shuffle on the GPU,
-//      the same additions in the same order on the host), and each lane re-reads its
-//      runs (from L1: DRAM sees one read) and writes its results.
+//      the same additions in the same order on the host), and each lane takes its runs
+//      again (forward, one unit per lane: from registers, KeptRuns; else re-read from
+//      L1: DRAM sees one read) and writes its results.
 // The host executor runs phase 1 for every lane of an item, the butterfly, then
 // phase 2, which is what the shuffle makes the GPU do.
 // The scale's gradient (backward) is two more launches of one thread per output:
@@ -217,10 +218,23 @@ ROPE_HD int64_t group_count(const NormRopeProblem& np, const NormItem& it) {
 
 // ---- forward ----
 
+// The runs of x that phase 1 of the forward read last, in the math type. Where a lane has
+// one unit of one head (kept_runs), phase 2 takes them from here: x is read from memory
+// once, and not again from L1 (on the GPU, registers).
+template <typename T, int N>
+struct KeptRuns {
+  T lo[N], hi[N];
+};
+
+ROPE_HD bool kept_runs(const NormPlan& plan, const NormItem& it) {
+  return plan.units <= plan.block_x && it.head_end - it.head_begin == 1;
+}
+
 // Phase 1: this lane's sum of x**2.
 template <typename scalar_t, typename table_t, int N, typename Access>
 ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const NormPlan& plan,
-                                            const NormItem& it, int64_t lane) {
+                                            const NormItem& it, int64_t lane,
+                                            KeptRuns<opmath_t<scalar_t>, N>& kept) {
   using T = opmath_t<scalar_t>;
   const HeadsDesc& d = np.rope.x[it.i];
   T sum = T(0);
@@ -230,14 +244,13 @@ ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const Nor
     for (int64_t unit = lane; unit < plan.units; unit += plan.block_x) {
       int64_t lo_off, hi_off;
       unit_offsets(unit, np.rope.pairs, N, np.rope.interleaved, lo_off, hi_off);
-      T v[N];
-      load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, v);
+      load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, kept.lo);
       ROPE_UNROLL
-      for (int j = 0; j < N; ++j) sum += v[j] * v[j];
+      for (int j = 0; j < N; ++j) sum += kept.lo[j] * kept.lo[j];
       if (hi_off >= 0) {
-        load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, v);
+        load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, kept.hi);
         ROPE_UNROLL
-        for (int j = 0; j < N; ++j) sum += v[j] * v[j];
+        for (int j = 0; j < N; ++j) sum += kept.hi[j] * kept.hi[j];
       }
     }
   }
@@ -247,7 +260,8 @@ ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const Nor
 // Phase 2: normalize, scale, rotate, store; lane 0 keeps rstd.
 template <typename scalar_t, typename table_t, int N, typename Access>
 ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan, const NormItem& it,
-                                int64_t lane, opmath_t<scalar_t> total) {
+                                int64_t lane, opmath_t<scalar_t> total,
+                                const KeptRuns<opmath_t<scalar_t>, N>& kept) {
   using T = opmath_t<scalar_t>;
   const RopeProblem& p = np.rope;
   const HeadsDesc& d = p.x[it.i];
@@ -265,12 +279,23 @@ ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan,
       int64_t lo_off, hi_off;
       unit_offsets(unit, p.pairs, N, p.interleaved, lo_off, hi_off);
       T lo[N], hi[N], w[N];
-      load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, lo);
+      const bool from_kept = kept_runs(plan, it);
+      if (from_kept) {
+        ROPE_UNROLL
+        for (int j = 0; j < N; ++j) lo[j] = kept.lo[j];
+      } else {
+        load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, lo);
+      }
       scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
       ROPE_UNROLL
       for (int j = 0; j < N; ++j) lo[j] = lo[j] * r * w[j];
       if (hi_off >= 0) {
-        load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, hi);
+        if (from_kept) {
+          ROPE_UNROLL
+          for (int j = 0; j < N; ++j) hi[j] = kept.hi[j];
+        } else {
+          load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, hi);
+        }
         scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) hi[j] = hi[j] * r * w[j];

@@ -113,18 +113,20 @@ __global__ void norm_rope_kernel(const NormRopeProblem np, const NormPlan plan) 
     const int64_t item = base + threadIdx.y;
     const bool active = item < plan.items;
     const NormItem it(np, active ? item : 0);
+    KeptRuns<T, N> kept;
     T sum = T(0);
     if (active) {
       sum = np.backward
                 ? norm_backward_sum<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x)
-                : norm_forward_sum<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x);
+                : norm_forward_sum<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x,
+                                                                       kept);
     }
     for (int o = plan.block_x / 2; o > 0; o /= 2) sum += __shfl_xor_sync(mask, sum, o);
     if (!active) continue;
     if (np.backward) {
       norm_backward_store<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x, sum);
     } else {
-      norm_forward_store<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x, sum);
+      norm_forward_store<scalar_t, table_t, N, DeviceAccess>(np, plan, it, threadIdx.x, sum, kept);
     }
   }
 }

@@ -189,17 +189,20 @@ struct NormHostRunner {
               for (int64_t ty = 0; ty < plan.block_y && base + ty < plan.items; ++ty) {
                 const NormItem it(np, base + ty);
                 T sums[32];
+                KeptRuns<T, N> kept[32];  // each lane's registers between the two phases
                 for (int lane = 0; lane < plan.block_x; ++lane) {
                   sums[lane] = np.backward
                                    ? norm_backward_sum<scalar_t, table_t, N, A>(np, plan, it, lane)
-                                   : norm_forward_sum<scalar_t, table_t, N, A>(np, plan, it, lane);
+                                   : norm_forward_sum<scalar_t, table_t, N, A>(np, plan, it, lane,
+                                                                               kept[lane]);
                 }
                 butterfly_host(sums, plan.block_x);
                 for (int lane = 0; lane < plan.block_x; ++lane) {
                   if (np.backward) {
                     norm_backward_store<scalar_t, table_t, N, A>(np, plan, it, lane, sums[lane]);
                   } else {
-                    norm_forward_store<scalar_t, table_t, N, A>(np, plan, it, lane, sums[lane]);
+                    norm_forward_store<scalar_t, table_t, N, A>(np, plan, it, lane, sums[lane],
+                                                                kept[lane]);
                   }
                 }
               }
