@@ -230,6 +230,15 @@ ROPE_HD bool kept_runs(const NormPlan& plan, const NormItem& it) {
   return plan.units <= plan.block_x && it.head_end - it.head_begin == 1;
 }
 
+// A run of x for phase 2: the kept one, or read again.
+template <typename scalar_t, int N, typename T, typename Access>
+ROPE_HD void kept_or_load(bool from_kept, const T (&kept)[N], const scalar_t* x, int64_t stride,
+                          T (&v)[N]) {
+  if (!from_kept) return load_run<scalar_t, N, T, Access>(x, stride, v);
+  ROPE_UNROLL
+  for (int j = 0; j < N; ++j) v[j] = kept[j];
+}
+
 // Phase 1: this lane's sum of x**2.
 template <typename scalar_t, typename table_t, int N, typename Access>
 ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const NormPlan& plan,
@@ -270,6 +279,7 @@ ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan,
     const int64_t at = np.across_heads ? it.token : it.token * d.heads + it.head_begin;
     Access::template store<T, 1>(static_cast<T*>(np.norm[it.i].rstd) + at, Pack<T, 1>{{r}});
   }
+  const bool from_kept = kept_runs(plan, it);
   for (int64_t head = it.head_begin; head < it.head_end; ++head) {
     const scalar_t* x = static_cast<const scalar_t*>(d.in) + it.b * d.in_stride_batch +
                         it.s * d.in_stride_seq + head * d.in_stride_head;
@@ -279,23 +289,14 @@ ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan,
       int64_t lo_off, hi_off;
       unit_offsets(unit, p.pairs, N, p.interleaved, lo_off, hi_off);
       T lo[N], hi[N], w[N];
-      const bool from_kept = kept_runs(plan, it);
-      if (from_kept) {
-        ROPE_UNROLL
-        for (int j = 0; j < N; ++j) lo[j] = kept.lo[j];
-      } else {
-        load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, lo);
-      }
+      kept_or_load<scalar_t, N, T, Access>(from_kept, kept.lo, x + lo_off * d.in_stride_dim,
+                                           d.in_stride_dim, lo);
       scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
       ROPE_UNROLL
       for (int j = 0; j < N; ++j) lo[j] = lo[j] * r * w[j];
       if (hi_off >= 0) {
-        if (from_kept) {
-          ROPE_UNROLL
-          for (int j = 0; j < N; ++j) hi[j] = kept.hi[j];
-        } else {
-          load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, hi);
-        }
+        kept_or_load<scalar_t, N, T, Access>(from_kept, kept.hi, x + hi_off * d.in_stride_dim,
+                                             d.in_stride_dim, hi);
         scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) hi[j] = hi[j] * r * w[j];

@@ -16,7 +16,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <utility>

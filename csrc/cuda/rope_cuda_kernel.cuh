@@ -191,15 +191,17 @@ inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int
   const int64_t cap = sms * (cfg.max_blocks_per_sm < 1 ? 1 : cfg.max_blocks_per_sm);
   plan.grid = blocks < cap ? blocks : cap;
   if (plan.grid < 1) plan.grid = 1;
-  plan.min_blocks =
-      cfg.min_blocks == 4 && plan.vec > 1 && plan.block_x * plan.block_y <= kOccupancyThreads ? 4
-                                                                                              : 0;
 
   // 32-bit indices when every offset and the item loop (item + stride) fit.
   const int64_t stride = plan.grid * plan.block_y;
   const int64_t int32_max = std::numeric_limits<int32_t>::max();
   plan.index64 = cfg.index_bits == 64 || largest_offset(p) >= int32_max ||
                  plan.items + stride >= int32_max || tokens >= int32_max;
+  // The 64-register build exists for the 32-bit vector path only.
+  plan.min_blocks = cfg.min_blocks == 4 && plan.vec > 1 && !plan.index64 &&
+                            plan.block_x * plan.block_y <= kOccupancyThreads
+                        ? 4
+                        : 0;
   return plan;
 }
 
