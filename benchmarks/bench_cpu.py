@@ -2,8 +2,12 @@
 
     python benchmarks/bench_cpu.py            # the full table and the plot (about 10 minutes)
     python benchmarks/bench_cpu.py --quick    # the short table of `make demo`
+    python benchmarks/bench_cpu.py --quick --dtype fp16
+    ATEN_CPU_CAPABILITY=avx2 ROPE_EXT_CPU_KERNEL=avx2 python benchmarks/bench_cpu.py --quick
+                                              # the AVX2 kernels, ours and ATen's, on a wider CPU
 
-Each cell is the median of repeated runs after warm-up (compilation excluded), the\nimplementations timed in turns.
+Each cell is the median of repeated runs after warm-up (compilation excluded), the
+implementations timed in turns.
 Columns after rope_ext are speed-ups: that implementation's time over rope_ext's
 (higher is better for rope_ext); "copy" is rope_ext's time over a plain copy of the
 same bytes into fresh tensors (the memory-bandwidth floor; 1.0 would be ideal).
@@ -29,6 +33,7 @@ MODELS = {
     "NeoX-partial": (32, 32, 128, 32, 10000.0),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUICK_DTYPES = {**DTYPES, "fp16": torch.float16}
 PREFILL = (512, 1024, 2048, 4096, 8192)
 DECODE_BATCH, DECODE_POS = 32, 4096
 
@@ -123,6 +128,8 @@ def plot(results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the short table of make demo")
+    parser.add_argument("--dtype", choices=sorted(QUICK_DTYPES), default="bf16",
+                        help="the quick table's dtype")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__),
                                                         "cpu_throughput.png"))
@@ -134,8 +141,8 @@ def main(argv=None):
               f"in the process ({' '.join(f'{k}={v}' for k, v in STEADY_MALLOC.items())})")
     if args.quick:
         impls = ["rope_ext", "HF eager", "HF compile", "copy"]
-        plan = [("Llama-3-8B", "bf16", s, False) for s in (1024, 4096)]
-        plan += [("Llama-3-8B", "bf16", "decode", False), ("Llama-3-8B", "bf16", 4096, True)]
+        plan = [("Llama-3-8B", args.dtype, s, False) for s in (1024, 4096)]
+        plan += [("Llama-3-8B", args.dtype, "decode", False), ("Llama-3-8B", args.dtype, 4096, True)]
         repeats = args.repeats or 15
     else:
         impls = list(IMPLEMENTATIONS)
@@ -147,10 +154,10 @@ def main(argv=None):
     curve = {name: [] for name in impls}
     for i, (model, dname, seq, backward) in enumerate(plan):
         if seq == "decode":
-            case = make_case(model, DTYPES[dname], 1, batch=DECODE_BATCH, start=DECODE_POS)
+            case = make_case(model, QUICK_DTYPES[dname], 1, batch=DECODE_BATCH, start=DECODE_POS)
             shape = f"decode b={DECODE_BATCH}"
         else:
-            case = make_case(model, DTYPES[dname], seq)
+            case = make_case(model, QUICK_DTYPES[dname], seq)
             shape = f"s={seq}"
         label = f"{model} {dname} {shape} {'fwd+bwd' if backward else 'fwd'}"
         progress = f"  [{i + 1}/{len(plan)}] {label} ..."

@@ -1,8 +1,9 @@
 """The CPU kernels' float32 -> bf16/fp16 rounding against ATen's, bit for bit.
 
 Each instruction-set variant rounds its stores its own way: ATen's vector conversion,
-or (AVX-512-BF16, bf16) the processor's own instruction, which flushes subnormal
-inputs where ATen rounds them. Where the rounding is rope_ext's own, every one of the
+(AVX-512-BF16, bf16) the processor's own instruction, which flushes subnormal inputs
+where ATen rounds them, or (AVX2, bf16) rope_ext's own integer rounding on 16-bit halves
+with ATen's conversion for blocks holding a NaN. Where the rounding is rope_ext's own, every one of the
 2**32 float32 bit patterns is checked; where it is ATen's own code, a sample covering
 every exponent. NaN must stay NaN (its payload may differ).
 """
@@ -15,7 +16,7 @@ import rope_ext  # noqa: F401  (loads the ops)
 testing = torch.ops.rope_testing
 CHUNK = 1 << 26
 # (variant, dtype) pairs whose rounding is not ATen's conversion itself.
-OWN_ROUNDING = {("avx512_bf16", torch.bfloat16)}
+OWN_ROUNDING = {("avx512_bf16", torch.bfloat16), ("avx2", torch.bfloat16)}
 ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
 
 

@@ -365,12 +365,14 @@ def test_head_dim_widths(interleaved, width, dtype, storage, inplace):
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_other_cpu_kernels(capability):
     """The CPU kernel is compiled per instruction set and picked at run time; rerun the width
-    tests under the narrower ones (ROPE_EXT_CPU_KERNEL caps rope_ext's choice; on a machine
-    without that instruction set the widest one it has runs)."""
-    env = dict(os.environ, ROPE_EXT_CPU_KERNEL=capability)
+    tests under the narrower ones, the fused norm + rope kernel's too (ROPE_EXT_CPU_KERNEL caps
+    rope_ext's choice; on a machine without that instruction set the widest one it has runs)."""
+    env = dict(os.environ, ROPE_EXT_CPU_KERNEL=capability, ROPE_TEST_DEVICE="cpu")
+    fused = os.path.join(os.path.dirname(__file__), "test_norm_rope.py")
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-         "-k", "test_head_dim_widths or test_nan_inf"],
+        [sys.executable, "-m", "pytest", __file__, fused, "-q", "-x", "-p", "no:cacheprovider",
+         "-k", "test_head_dim_widths or test_nan_inf or test_head_dims or "
+               "test_gradients_match_aten_composition"],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 

@@ -40,6 +40,51 @@ constexpr bool kReduced =
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+#if defined(CPU_CAPABILITY_AVX2)
+// bf16 <-> float32 on AVX2, which has an instruction for neither. ATen's portable
+// conversion takes 5 vector operations to widen 16 bf16 and 18 to round 16 floats;
+// with two cores the bf16 kernel was bound by them, not by memory (docs/kernels.md).
+
+// A bf16 is the upper half of its float32. Each 128-bit lane of a broadcast load is
+// shuffled so its bf16 land in the upper halves (a mask byte with its high bit set
+// writes zero): one operation per 8 elements.
+inline void widen_bf16_avx2(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i to_upper =
+      _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
+                       -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+  const auto* q = reinterpret_cast<const __m128i*>(p);
+  lo = _mm256_castsi256_ps(
+      _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q)), to_upper));
+  hi = _mm256_castsi256_ps(
+      _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q + 1)), to_upper));
+}
+
+// Rounds 16 floats (lo: elements 0-7, hi: 8-15) to bf16 with the integer function
+// ATen's conversion computes, (u + 0x7fff + bit 16 of u) >> 16, but on 16-bit halves:
+// the upper half u_hi plus a carry out of the lower half u_lo, where
+// carry = u_lo + 0x7fff + (u_hi & 1) >= 2**16 = (u_lo + 0x7ffe + (u_hi & 1) + 1) / 2 >= 2**15,
+// and avg_epu16 computes that 17-bit sum halved. 12 operations instead of 18. ATen turns
+// every NaN into 0xffff, which this sum would not: a block holding a NaN returns false
+// and takes ATen's conversion (one comparison finds one in either vector).
+inline bool narrow_bf16_avx2(__m256 lo, __m256 hi, __m256i& rounded) {
+  if (_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0) return false;
+  // Per 128-bit lane: the upper halves of its 4 floats, then their lower halves.
+  const __m256i split = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13,  //
+                                         2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13);
+  const __m256i a =
+      _mm256_shuffle_epi8(_mm256_castps_si256(lo), split);  // u_hi 0-3, u_lo 0-3 | 4-7
+  const __m256i b = _mm256_shuffle_epi8(_mm256_castps_si256(hi), split);  // 8-11 | 12-15
+  const __m256i upper = _mm256_unpacklo_epi64(a, b);  // elements 0-3, 8-11 | 4-7, 12-15
+  const __m256i lower = _mm256_unpackhi_epi64(a, b);
+  const __m256i bias =
+      _mm256_or_si256(_mm256_and_si256(upper, _mm256_set1_epi16(1)), _mm256_set1_epi16(0x7ffe));
+  const __m256i carry = _mm256_srli_epi16(_mm256_avg_epu16(lower, bias), 15);
+  // Without NaN, upper <= 0xff80 (-inf): adding the carry cannot wrap.
+  rounded = _mm256_permute4x64_epi64(_mm256_add_epi16(upper, carry), 0xd8);  // 0-3, 4-7 | 8-15
+  return true;
+}
+#endif
+
 // The vector loops work in blocks of two opmath vectors (2W elements of x):
 // that is one Vectorized<bf16/fp16> widened to two float vectors, and the two
 // halves that deinterleave2 needs for adjacent pairs.
@@ -52,6 +97,17 @@ struct Block {
   // Loads n <= kSize elements; lanes past n are zero.
   static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
     if constexpr (kReduced<scalar_t>) {
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (n == kSize) {
+          __m256 lo_f, hi_f;
+          widen_bf16_avx2(p, lo_f, hi_f);
+          lo = lo_f;
+          hi = hi_f;
+          return;
+        }
+      }
+#endif
       static_assert(Vectorized<scalar_t>::size() == kSize);
       std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
     } else {
@@ -75,6 +131,11 @@ struct Block {
       if (subnormal == 0) {
         return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
       }
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      __m256i rounded;
+      if (narrow_bf16_avx2(lo, hi, rounded)) return Vectorized<scalar_t>(rounded);
     }
 #endif
     return at::vec::convert_from_float<scalar_t>(lo, hi);
