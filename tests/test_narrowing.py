@@ -16,7 +16,7 @@ import rope_ext  # noqa: F401  (loads the ops)
 testing = torch.ops.rope_testing
 CHUNK = 1 << 26
 # (variant, dtype) pairs whose rounding is not ATen's conversion itself.
-OWN_ROUNDING = {("avx512_bf16", torch.bfloat16), ("avx2", torch.bfloat16)}
+OWN_ROUNDING = {("avx512_bf16", torch.bfloat16), ("avx512", torch.bfloat16), ("avx2", torch.bfloat16)}
 ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
 
 
