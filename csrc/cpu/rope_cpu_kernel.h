@@ -225,8 +225,8 @@ inline void stream_fence() {
 // in_t and out_t may differ (bf16 in, float out, or the reverse: the fused norm kernel
 // rotates from and into a buffer in the math type); their math types are the same.
 template <bool kStream, typename in_t, typename out_t>
-void rotate_head_half_split(const in_t* x, out_t* y, const opmath_t<out_t>* c,
-                            const opmath_t<out_t>* s, int64_t pairs) {
+C10_ALWAYS_INLINE void rotate_head_half_split(const in_t* x, out_t* y, const opmath_t<out_t>* c,
+                                              const opmath_t<out_t>* s, int64_t pairs) {
   static_assert(std::is_same_v<opmath_t<in_t>, opmath_t<out_t>>);
   using In = Block<in_t>;
   using Out = Block<out_t>;
@@ -246,8 +246,8 @@ void rotate_head_half_split(const in_t* x, out_t* y, const opmath_t<out_t>* c,
 // Pairs (x[2i], x[2i + 1]): a block of 2W elements holds W pairs, split into
 // even and odd lanes, rotated, and merged back.
 template <bool kStream, typename in_t, typename out_t>
-void rotate_head_interleaved(const in_t* x, out_t* y, const opmath_t<out_t>* c,
-                             const opmath_t<out_t>* s, int64_t pairs) {
+C10_ALWAYS_INLINE void rotate_head_interleaved(const in_t* x, out_t* y, const opmath_t<out_t>* c,
+                                               const opmath_t<out_t>* s, int64_t pairs) {
   static_assert(std::is_same_v<opmath_t<in_t>, opmath_t<out_t>>);
   using In = Block<in_t>;
   using Out = Block<out_t>;
@@ -358,7 +358,7 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
           rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs,
                               p.interleaved);
         }
-        if (!in_place)
+        if (!in_place && 2 * p.pairs < h.head_dim)
           copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
       }
     }
