@@ -15,25 +15,20 @@ c) unpatch / patched() restore the exact forward objects; a transformers whose n
    attention call differs from what the fused forward assumes is refused with a clear message;
    without the op in the build, the forwards stay transformers'.
 
-Skipped as a whole while rope_ext has no rms_norm_rope_qk (the C++ op lands separately).
+The tiny models, their inputs and the comparisons are tests/tiny_models.py's.
 """
 
 import importlib
-import sys
 
 import pytest
 import torch
 
+import transformers
+
 import rope_ext
-
-if not hasattr(rope_ext, "rms_norm_rope_qk"):
-    pytest.skip("rope_ext.rms_norm_rope_qk is not in this build of rope_ext",
-                allow_module_level=True)
-
-import transformers  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-import rope_ext.hf as hf  # noqa: E402
+import rope_ext.hf as hf
+import tiny_models
+from tiny_models import grads_of, inputs, rel_err
 
 transformers.logging.set_verbosity_error()
 
@@ -76,63 +71,25 @@ def op_calls(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # tiny random models
 
-COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=8, intermediate_size=48, vocab_size=64, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+# the second layer slides (window 4 < seq): the sliding_window argument matters
 EXTRA = {
-    # the second layer slides (window 4 < seq): the sliding_window argument matters
     "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "olmo2": dict(),
     "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                   query_pre_attn_scalar=8, final_logit_softcapping=30.0),
+                   query_pre_attn_scalar=16, final_logit_softcapping=30.0),
 }
-CONFIG_TYPE = {"gemma3": "gemma3_text"}
 
 
 def tiny_model(fam, dtype=torch.float32):
-    cfg = AutoConfig.for_model(CONFIG_TYPE.get(fam, fam), **COMMON, **EXTRA[fam])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    assert type(model).__module__ == MODULES[fam].__name__
-    with torch.no_grad():  # transformers initializes norms to 1 (Gemma: 0); make them matter
-        g = torch.Generator().manual_seed(2)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
-    return model.to(dtype)
+    return tiny_models.tiny_model(fam, EXTRA[fam], randomize_norms=True, dtype=dtype)
 
 
-def inputs(batch=2, seq=9):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 64, (batch, seq), generator=g)
-    pos = torch.arange(seq)[None] + torch.tensor([[0], [37]])[:batch]  # each row its own
-    return ids, pos
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
-def grads_of(model, ids, pos, forward=None):
-    model.zero_grad(set_to_none=True)
-    out = (model if forward is None else forward)(ids, position_ids=pos, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out.logits.detach(), grads
-
-
-def assert_grads_close(ours, ref, rel=1e-5):
-    assert ours.keys() == ref.keys()
-    norm_grads = 0
-    for name in ref:
-        g, r = ours[name], ref[name]
-        assert g is not None and r is not None, name
-        scale = float(r.abs().max())
-        assert float((g.double() - r.double()).abs().max()) <= rel * scale + 1e-12, name
-        if "q_norm" in name or "k_norm" in name:
-            assert scale > 0, name  # the norm weights really get a gradient
-            norm_grads += 1
-    assert norm_grads == 4  # q_norm and k_norm of both layers
+def assert_grads_close(ours, ref):
+    tiny_models.assert_grads_close(ours, ref, rel=1e-5)
+    norm_grads = [name for name in ref if "q_norm" in name or "k_norm" in name]
+    assert len(norm_grads) == 4  # q_norm and k_norm of both layers
+    for name in norm_grads:
+        assert float(ref[name].abs().max()) > 0, name  # the norm weights really get a gradient
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -206,8 +163,8 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
     model = tiny_model(fam, torch.bfloat16)
     spec = hf.FUSED_MODEL_TYPES[fam]
     attn = model.model.layers[0].self_attn
-    mod = MODULES[fam]
-    batch, seq, hq, hk, d = 2, 7, 4, 2, 8
+    batch, seq, hq, hk = 2, 7, 4, 2
+    d = tiny_models.COMMON["head_dim"]
     g = torch.Generator().manual_seed(3)
     # q and k as the attention holds them: [b, s, h, d] views of the projections.
     proj_q = (3.0 * torch.randn(batch, seq, hq * d, generator=g)).bfloat16()
