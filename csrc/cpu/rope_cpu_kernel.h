@@ -86,6 +86,19 @@ inline bool narrow_bf16_avx2(__m256 lo, __m256 hi, __m256i& rounded) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
+// 32 bf16 widened to float32 (lo: elements 0-15, hi: 16-31): a 16-bit permutation puts
+// each bf16 in the upper half of its 32-bit lane and zeroes the lower halves (mask),
+// one operation per 16 elements where ATen's takes an extract, a zero-extension and a shift.
+inline void widen_bf16_avx512(const c10::BFloat16* p, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  const __mmask32 upper_halves = 0xAAAAAAAA;
+  const __m512i lo_index = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7,
+                                            0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+  const __m512i hi_index = _mm512_add_epi16(lo_index, _mm512_set1_epi16(16));
+  lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, lo_index, v));
+  hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, hi_index, v));
+}
+
 // The same rounding as narrow_bf16_avx2 on 32 floats (lo: elements 0-15, hi: 16-31), for
 // the AVX-512 variant and the AVX-512-BF16 variant's subnormal blocks: 10 operations
 // where ATen's AVX-512 conversion takes 16.
@@ -120,7 +133,17 @@ struct Block {
   // Loads n <= kSize elements; lanes past n are zero.
   static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
     if constexpr (kReduced<scalar_t>) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (n == kSize) {
+          __m512 lo_f, hi_f;
+          widen_bf16_avx512(p, lo_f, hi_f);
+          lo = lo_f;
+          hi = hi_f;
+          return;
+        }
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (n == kSize) {
           __m256 lo_f, hi_f;
