@@ -44,19 +44,20 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // bf16 <-> float32 on AVX2, which has an instruction for neither. ATen's portable
 // conversion takes 5 vector operations to widen 16 bf16 and 18 to round 16 floats;
 // with two cores the bf16 kernel was bound by them, not by memory (docs/kernels.md).
+using BF16Register = __m256i;  // 16 bf16
 
 // A bf16 is the upper half of its float32. Each 128-bit lane of a broadcast load is
 // shuffled so its bf16 land in the upper halves (a mask byte with its high bit set
 // writes zero): one operation per 8 elements.
-inline void widen_bf16_avx2(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFloat16* p) {
   const __m256i to_upper =
       _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
                        -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
   const auto* q = reinterpret_cast<const __m128i*>(p);
-  lo = _mm256_castsi256_ps(
-      _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q)), to_upper));
-  hi = _mm256_castsi256_ps(
-      _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q + 1)), to_upper));
+  return {_mm256_castsi256_ps(
+              _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q)), to_upper)),
+          _mm256_castsi256_ps(
+              _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(q + 1)), to_upper))};
 }
 
 // Rounds 16 floats (lo: elements 0-7, hi: 8-15) to bf16 with the integer function
@@ -66,7 +67,7 @@ inline void widen_bf16_avx2(const c10::BFloat16* p, __m256& lo, __m256& hi) {
 // and avg_epu16 computes that 17-bit sum halved. 12 operations instead of 18. ATen turns
 // every NaN into 0xffff, which this sum would not: a block holding a NaN returns false
 // and takes ATen's conversion (one comparison finds one in either vector).
-inline bool narrow_bf16_avx2(__m256 lo, __m256 hi, __m256i& rounded) {
+inline bool narrow_bf16(__m256 lo, __m256 hi, __m256i& rounded) {
   if (_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0) return false;
   // Per 128-bit lane: the upper halves of its 4 floats, then their lower halves.
   const __m256i split = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13,  //
@@ -86,23 +87,25 @@ inline bool narrow_bf16_avx2(__m256 lo, __m256 hi, __m256i& rounded) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
+using BF16Register = __m512i;  // 32 bf16
+
 // 32 bf16 widened to float32 (lo: elements 0-15, hi: 16-31): a 16-bit permutation puts
 // each bf16 in the upper half of its 32-bit lane and zeroes the lower halves (mask),
 // one operation per 16 elements where ATen's takes an extract, a zero-extension and a shift.
-inline void widen_bf16_avx512(const c10::BFloat16* p, __m512& lo, __m512& hi) {
+inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFloat16* p) {
   const __m512i v = _mm512_loadu_si512(p);
   const __mmask32 upper_halves = 0xAAAAAAAA;
   const __m512i lo_index = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7,
                                             0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
   const __m512i hi_index = _mm512_add_epi16(lo_index, _mm512_set1_epi16(16));
-  lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, lo_index, v));
-  hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, hi_index, v));
+  return {_mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, lo_index, v)),
+          _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(upper_halves, hi_index, v))};
 }
 
-// The same rounding as narrow_bf16_avx2 on 32 floats (lo: elements 0-15, hi: 16-31), for
+// The same rounding as AVX2's narrow_bf16 on 32 floats (lo: elements 0-15, hi: 16-31), for
 // the AVX-512 variant and the AVX-512-BF16 variant's subnormal blocks: 10 operations
 // where ATen's AVX-512 conversion takes 16.
-inline bool narrow_bf16_avx512(__m512 lo, __m512 hi, __m512i& rounded) {
+inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
   if (_mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q) != 0) return false;
   const __m512i split =
       _mm512_broadcast_i32x4(_mm_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13));
@@ -133,23 +136,10 @@ struct Block {
   // Loads n <= kSize elements; lanes past n are zero.
   static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
     if constexpr (kReduced<scalar_t>) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (n == kSize) {
-          __m512 lo_f, hi_f;
-          widen_bf16_avx512(p, lo_f, hi_f);
-          lo = lo_f;
-          hi = hi_f;
-          return;
-        }
-      }
-#elif defined(CPU_CAPABILITY_AVX2)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (n == kSize) {
-          __m256 lo_f, hi_f;
-          widen_bf16_avx2(p, lo_f, hi_f);
-          lo = lo_f;
-          hi = hi_f;
+          std::tie(lo, hi) = widen_bf16(p);
           return;
         }
       }
@@ -178,15 +168,10 @@ struct Block {
       }
     }
 #endif
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      __m512i rounded;
-      if (narrow_bf16_avx512(lo, hi, rounded)) return Vectorized<scalar_t>(rounded);
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      __m256i rounded;
-      if (narrow_bf16_avx2(lo, hi, rounded)) return Vectorized<scalar_t>(rounded);
+      BF16Register rounded;
+      if (narrow_bf16(lo, hi, rounded)) return Vectorized<scalar_t>(rounded);
     }
 #endif
     return at::vec::convert_from_float<scalar_t>(lo, hi);
