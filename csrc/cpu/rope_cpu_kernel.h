@@ -158,13 +158,16 @@ struct Block {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction where ATen's portable rounding takes a dozen: with two cores
       // the bf16 kernel is otherwise bound by this arithmetic, not by memory. But the
-      // instruction flushes subnormal inputs to zero where ATen rounds them; a block
-      // holding one (0 < |x| < 2**-126, rare) takes the integer rounding below, so the
-      // result equals ATen's bit for bit (tests/test_narrowing.py sweeps every float32).
-      // fpclass 0x20: the subnormal class, one instruction per vector; kortest tests
-      // both masks without moving them to general registers.
-      if (_kortestz_mask16_u8(_mm512_fpclass_ps_mask(lo, 0x20), _mm512_fpclass_ps_mask(hi, 0x20))) {
-        return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      // instruction flushes subnormal inputs (0 < |x| < 2**-126) to zero where ATen
+      // rounds them, so it can differ from ATen only where it gives +-0: a block with a
+      // zero among its 32 results (rare, but zero inputs and padding lanes give one)
+      // takes the integer rounding below, and the result equals ATen's bit for bit
+      // (tests/test_narrowing.py sweeps every float32). Testing the results costs one
+      // instruction where classifying the inputs took two.
+      const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+      const __mmask32 zero = _mm512_testn_epi16_mask(rounded, _mm512_set1_epi16(0x7fff));
+      if (_kortestz_mask32_u8(zero, zero)) {
+        return Vectorized<scalar_t>(rounded);
       }
     }
 #endif
