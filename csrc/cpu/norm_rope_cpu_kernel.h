@@ -341,9 +341,9 @@ void norm_rope_forward(const NormRopeProblem& np) {
   const int64_t heads = std::max(p.x[0].heads, p.x[p.num_x - 1].heads);
   const int64_t head_dim = std::max(p.x[0].head_dim, p.x[p.num_x - 1].head_dim);
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0)), scratch(head_dim);
-    c10::SmallVector<T, 64> squares(heads), rs(heads);
-    c10::SmallVector<T, 512> folded(4 * p.pairs);
+    LineAlignedBuffer<T, 256> c_buf(padded), s_buf(padded), scratch(head_dim);
+    LineAlignedBuffer<T, 64> squares(heads), rs(heads);
+    LineAlignedBuffer<T, 512> folded(4 * p.pairs);
     if (stream) {
       norm_rope_forward_tokens<true, scalar_t, table_t>(np, begin, end, c_buf.data(), s_buf.data(),
                                                         squares.data(), rs.data(), scratch.data(),
@@ -365,9 +365,9 @@ void norm_rope_backward(const NormRopeProblem& np) {
   const int64_t padded =
       (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
   at::parallel_for(0, np.groups, 1, [&](int64_t group_begin, int64_t group_end) {
-    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
-    c10::SmallVector<T, 1024> ubuf(row), xbuf(row);
-    c10::SmallVector<T, 64> head_dots(std::max(p.x[0].heads, p.x[p.num_x - 1].heads));
+    LineAlignedBuffer<T, 256> c_buf(padded), s_buf(padded);
+    LineAlignedBuffer<T, 1024> ubuf(row), xbuf(row);
+    LineAlignedBuffer<T, 64> head_dots(std::max(p.x[0].heads, p.x[p.num_x - 1].heads));
     for (int64_t g = group_begin; g < group_end; ++g) {
       int64_t scale_size[2];
       T* partial[2];

@@ -124,6 +124,29 @@ inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
 }
 #endif
 
+// n elements of T starting on a 64-byte boundary (a cache line, an AVX-512 vector), on
+// the stack up to kInline elements. A vector load from a buffer at an arbitrary address
+// may straddle two cache lines, and where the stack falls moves from process to process
+// (with the environment's size): the fused forward's time in cache moved with it, by 15%.
+template <typename T, unsigned kInline>
+class LineAlignedBuffer {
+ public:
+  explicit LineAlignedBuffer(int64_t n, T fill = T(0)) : storage_(n + kPad) {
+    const auto address = reinterpret_cast<uintptr_t>(storage_.data());
+    data_ = reinterpret_cast<T*>((address + 63) & ~uintptr_t{63});
+    std::fill(data_, data_ + n, fill);
+  }
+  LineAlignedBuffer(const LineAlignedBuffer&) = delete;  // data_ points into storage_
+  LineAlignedBuffer& operator=(const LineAlignedBuffer&) = delete;
+  T* data() { return data_; }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  static constexpr int64_t kPad = 64 / sizeof(T);
+  c10::SmallVector<T, kInline + kPad> storage_;
+  T* data_;
+};
+
 // The vector loops work in blocks of two opmath vectors (2W elements of x):
 // that is one Vectorized<bf16/fp16> widened to two float vectors, and the two
 // halves that deinterleave2 needs for adjacent pairs.
@@ -400,7 +423,7 @@ void rope_cpu_typed(const RopeProblem& p) {
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     // On the stack for every head size models use (a heap allocation costs a decode step).
-    c10::SmallVector<T, 256> c_buf(padded, T(0)), s_buf(padded, T(0));
+    LineAlignedBuffer<T, 256> c_buf(padded), s_buf(padded);
     if (stream) {
       rope_cpu_tokens<true, scalar_t, table_t>(p, begin, end, c_buf.data(), s_buf.data());
     } else {
