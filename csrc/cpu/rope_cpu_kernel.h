@@ -103,8 +103,8 @@ inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFl
 }
 
 // The same rounding as AVX2's narrow_bf16 on 32 floats (lo: elements 0-15, hi: 16-31), for
-// the AVX-512 variant and the AVX-512-BF16 variant's subnormal blocks: 10 operations
-// where ATen's AVX-512 conversion takes 16.
+// the AVX-512 variant and the AVX-512-BF16 variant's blocks with a zero result (Block::narrow):
+// 10 operations where ATen's AVX-512 conversion takes 16.
 inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
   if (_mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q) != 0) return false;
   const __m512i split =
@@ -127,7 +127,7 @@ inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
 // n elements of T starting on a 64-byte boundary (a cache line, an AVX-512 vector), on
 // the stack up to kInline elements. A vector load from a buffer at an arbitrary address
 // may straddle two cache lines, and where the stack falls moves from process to process
-// (with the environment's size): the fused forward's time in cache moved with it, by 15%.
+// (with the environment's size): the fused forward's time in cache moved with it, by 15-30%.
 template <typename T, unsigned kInline>
 class LineAlignedBuffer {
  public:
