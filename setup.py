@@ -195,6 +195,7 @@ def extension():
         # _mm256_undefined_si256, inlined from ATen's float -> fp16 conversion) as used
         # uninitialized: the same kind of false positive as above; the -O3 build keeps it.
         cxx += ["-Wno-uninitialized"]
+        cxx += ["-DROPE_EXT_SANITIZE_BUILD"]  # see ROPE_HEAD_INLINE in csrc/cpu/rope_cpu_kernel.h
         link += [f"-fsanitize={sanitize}"]
     kwargs = dict(
         name="rope_ext._C",

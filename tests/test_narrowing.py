@@ -14,16 +14,15 @@ import torch
 import rope_ext  # noqa: F401  (loads the ops)
 
 testing = torch.ops.rope_testing
-CHUNK = 1 << 26
-# (variant, dtype) pairs whose rounding is not ATen's conversion itself.
-OWN_ROUNDING = {("avx512_bf16", torch.bfloat16), ("avx512", torch.bfloat16), ("avx2", torch.bfloat16)}
+CHUNK = 1 << 22  # 16 MB of float32: reused buffers, no fresh pages per chunk
+# The variants whose bf16 rounding is not ATen's conversion itself.
+OWN_BF16_ROUNDING = ["avx512_bf16", "avx512", "avx2"]
 ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
 
 
-def _check(bits, dtype, isa):
-    x = bits.view(torch.float32)
-    ours = testing.narrow_as_stored(x, dtype)
-    theirs = x.to(dtype)
+def _check(bits, theirs, dtype, isa):
+    """narrow_as_stored of the variant in force against ATen's `theirs` of the same bits."""
+    ours = testing.narrow_as_stored(bits.view(torch.float32), dtype)
     if torch.equal(ours.view(torch.int16), theirs.view(torch.int16)):
         return
     bad = ~((ours.view(torch.int16) == theirs.view(torch.int16)) | (ours.isnan() & theirs.isnan()))
@@ -35,20 +34,39 @@ def _check(bits, dtype, isa):
             f"ATen {int(theirs.view(torch.int16)[i]) & 0xffff:#06x}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("isa", ISAS)
-def test_rounding_matches_aten(isa, dtype):
+def test_own_bf16_rounding_every_float32():
+    # ATen's rounding of each chunk computed once, for every variant with its own.
     # Capped to what this machine runs: on a narrower machine a narrower variant repeats.
+    previous = testing.set_cpu_kernel("auto")
+    try:
+        bits = torch.empty(CHUNK, dtype=torch.int32)
+        theirs = torch.empty(CHUNK, dtype=torch.bfloat16)
+        for start in range(-(1 << 31), 1 << 31, CHUNK):
+            torch.arange(start, start + CHUNK, out=bits)
+            theirs.copy_(bits.view(torch.float32))  # ATen's conversion, as .to() runs it
+            for isa in OWN_BF16_ROUNDING:
+                testing.set_cpu_kernel(isa)
+                _check(bits, theirs, torch.bfloat16, isa)
+    finally:
+        testing.set_cpu_kernel(previous)
+
+
+ATEN_ROUNDING = [(isa, dtype) for isa in ISAS for dtype in (torch.bfloat16, torch.float16)
+                 if not (dtype == torch.bfloat16 and isa in OWN_BF16_ROUNDING)]
+
+
+@pytest.mark.parametrize("isa,dtype", ATEN_ROUNDING,
+                         ids=[f"{i}-{'bf16' if d == torch.bfloat16 else 'fp16'}"
+                              for i, d in ATEN_ROUNDING])
+def test_aten_rounding_every_exponent(isa, dtype):
+    # ATen's own code: every exponent and sign, 2**15 mantissas each (the low 8 bits in full).
     previous = testing.set_cpu_kernel(isa)
     try:
-        if (isa, dtype) in OWN_ROUNDING:
-            for start in range(-(1 << 31), 1 << 31, CHUNK):
-                _check(torch.arange(start, start + CHUNK, dtype=torch.int32), dtype, isa)
-        else:  # every exponent and sign, 2**15 mantissas each (the low 8 bits in full)
-            hi = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32) << 16
-            lo = torch.cat([torch.arange(256, dtype=torch.int32),
-                            torch.randint(0, 1 << 16, (1 << 7,), dtype=torch.int32)])
-            _check((hi[:, None] | lo[None, :]).reshape(-1), dtype, isa)
+        hi = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32) << 16
+        lo = torch.cat([torch.arange(256, dtype=torch.int32),
+                        torch.randint(0, 1 << 16, (1 << 7,), dtype=torch.int32)])
+        bits = (hi[:, None] | lo[None, :]).reshape(-1)
+        _check(bits, bits.view(torch.float32).to(dtype), dtype, isa)
     finally:
         testing.set_cpu_kernel(previous)
 

@@ -59,7 +59,7 @@ void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int6
 
 // The sum of squares of n elements of x at stride sd (the norm's statistic).
 template <typename scalar_t>
-C10_ALWAYS_INLINE opmath_t<scalar_t> sum_squares(const scalar_t* x, int64_t sd, int64_t n) {
+ROPE_HEAD_INLINE opmath_t<scalar_t> sum_squares(const scalar_t* x, int64_t sd, int64_t n) {
   using T = opmath_t<scalar_t>;
   if (sd != 1) {
     T sum = T(0);
@@ -110,10 +110,10 @@ void inverse_rms_all(const T* squares, int64_t n, int64_t count, double eps, T* 
 // (unit stride); x[r:] stored scaled but unrotated. The scaling rides on the rotation's
 // loads, and the stores bypass the cache when kStream (as the rotation's do).
 template <bool kStream, typename src_t, typename scalar_t>
-C10_ALWAYS_INLINE void scale_rotate_head(const RopeProblem& p, const src_t* x, scalar_t* y,
-                                         int64_t head_dim, const opmath_t<scalar_t>* c,
-                                         const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
-                                         const opmath_t<scalar_t>* w) {
+ROPE_HEAD_INLINE void scale_rotate_head(const RopeProblem& p, const src_t* x, scalar_t* y,
+                                        int64_t head_dim, const opmath_t<scalar_t>* c,
+                                        const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
+                                        const opmath_t<scalar_t>* w) {
   using T = opmath_t<scalar_t>;
   using In = Block<src_t>;
   using Weights = Block<T>;
@@ -179,9 +179,9 @@ void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
 // A head of the per-head, half-split, unit-stride forward: y = R(x * r * w), with R and w
 // in the folded table f (fold_weights); the pass-through tail times r * w.
 template <bool kStream, typename scalar_t>
-C10_ALWAYS_INLINE void norm_rotate_head_folded(const RopeProblem& p, const scalar_t* x, scalar_t* y,
-                                               int64_t head_dim, const opmath_t<scalar_t>* f,
-                                               opmath_t<scalar_t> r, const opmath_t<scalar_t>* w) {
+ROPE_HEAD_INLINE void norm_rotate_head_folded(const RopeProblem& p, const scalar_t* x, scalar_t* y,
+                                              int64_t head_dim, const opmath_t<scalar_t>* f,
+                                              opmath_t<scalar_t> r, const opmath_t<scalar_t>* w) {
   using T = opmath_t<scalar_t>;
   using In = Block<scalar_t>;
   using Table = Block<T>;
