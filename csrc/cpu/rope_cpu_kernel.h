@@ -329,6 +329,7 @@ void rotate_head_strided(const in_t* x, int64_t xsd, out_t* y, int64_t ysd,
 // x[r:] of the functional op: copied, since the output is a fresh tensor.
 template <typename scalar_t>
 void copy_tail(const scalar_t* x, int64_t xsd, scalar_t* y, int64_t ysd, int64_t from, int64_t to) {
+  if (from >= to) return;  // full rotary: no call to memcpy for zero bytes, per head
   if (xsd == 1 && ysd == 1) {
     std::memcpy(y + from, x + from, (to - from) * sizeof(scalar_t));
     return;
@@ -401,7 +402,7 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
           rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs,
                               p.interleaved);
         }
-        if (!in_place && 2 * p.pairs < h.head_dim)
+        if (!in_place)
           copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
       }
     }
