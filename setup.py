@@ -177,7 +177,10 @@ def extension():
     cuda = want_cuda()
     debug = os.environ.get("ROPE_EXT_DEBUG") == "1"
     sanitize = os.environ.get("ROPE_EXT_SANITIZE")
-    opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
+    # The sanitizer build at -O0: a memory error is one at any level, and with UBSan's checks
+    # the optimizer's work at -O1 makes the build 2.2x as long (CPU time; the host executor's
+    # file 108 s instead of 25 s) while the sanitized suite runs only ~15% faster.
+    opt = ["-O0", "-g"] if debug or sanitize else ["-O3"]
     # -fopenmp: at::parallel_for is serial without it.
     # No -std: cpp_extension picks the standard the installed torch needs (C++20 from 2.14).
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
@@ -191,10 +194,6 @@ def extension():
     if sanitize:
         # Fatal on the first finding, so a test run cannot pass over one.
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-        # At -O1 GCC 12 reports its own intrinsics' placeholder (`__m256i __Y = __Y` in
-        # _mm256_undefined_si256, inlined from ATen's float -> fp16 conversion) as used
-        # uninitialized: the same kind of false positive as above; the -O3 build keeps it.
-        cxx += ["-Wno-uninitialized"]
         cxx += ["-DROPE_EXT_SANITIZE_BUILD"]  # see ROPE_HEAD_INLINE in csrc/cpu/rope_cpu_kernel.h
         link += [f"-fsanitize={sanitize}"]
     kwargs = dict(

@@ -1,7 +1,10 @@
 // Input checks and the translation of tensors into a NormRopeProblem for the fused
 // QK-RMSNorm + RoPE. The table, positions, q and k are checked as the rotation checks
 // them (rope_adapter.cpp); this file adds the norm's weights, eps and saved state.
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 

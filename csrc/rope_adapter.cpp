@@ -4,8 +4,10 @@
 // problems raise TypeError, everything else ValueError (docs/api.md section 8).
 #include "rope_adapter.h"
 
-#include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -224,6 +226,8 @@ RopeProblem describe_problem(const at::Tensor* xs, const at::Tensor* outs, int n
   return p;
 }
 
+namespace {
+// The one entry of the four ops: every check, then the description.
 RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x,
                          const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& positions, bool interleaved, bool inverse,
@@ -232,6 +236,7 @@ RopeProblem make_problem(const at::Tensor* xs, const at::Tensor* outs, int num_x
   return describe_problem(xs, outs, num_x, cos, sin, positions, interleaved, inverse, inv_freq,
                           attention_factor);
 }
+}  // namespace
 
 // True when no two indices of x can reach the same element: with the dims of
 // size > 1 sorted by stride, each stride steps past everything the smaller

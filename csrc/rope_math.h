@@ -24,9 +24,10 @@ namespace rope {
 // Where the table row of token (b, s) starts, for cos and for sin.
 //
 // One formula covers every table form of the contract:
-//   positions given, table [P, r/2]:        offset = pos * sp            (sb = ss = 0)
-//   no positions, table [P >= seq, r/2]:    offset = s * ss              (row s = position s)
-//   no positions, table [batch | 1, seq, r/2]: offset = b * sb + s * ss  (sb = 0 broadcasts)
+//   positions given, table [P, r/2]:  offset = pos * stride_row  (stride_batch = stride_seq = 0)
+//   no positions, table [P >= seq, r/2]:  offset = s * stride_seq  (row s = position s)
+//   no positions, table [batch | 1, seq, r/2]:  offset = b * stride_batch + s * stride_seq
+//                                          (stride_batch = 0 broadcasts one batch row)
 // All strides are in elements and 64-bit, so tables and tensors past 2**31
 // elements index correctly.
 struct TableIndex {

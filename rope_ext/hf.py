@@ -65,12 +65,12 @@ def _table_from_hf(cos: torch.Tensor, sin: torch.Tensor, seq: int
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """transformers' cos/sin ``[batch or 1, seq or 1, r]`` (the r/2 angles written twice) as
     rope_ext's one-row-per-token table ``[batch or 1, seq, r/2]``: views, no copy."""
-    half = cos.shape[-1] // 2
-    c = cos[..., :half]  # views: transformers' second half is a copy of the first
-    s = sin[..., :half]
+    pairs = cos.shape[-1] // 2
+    c = cos[..., :pairs]  # views: transformers' second half is a copy of the first
+    s = sin[..., :pairs]
     if c.shape[1] != seq:  # one position for every token: a stride-0 view
-        c = c.expand(c.shape[0], seq, half)
-        s = s.expand(s.shape[0], seq, half)
+        c = c.expand(c.shape[0], seq, pairs)
+        s = s.expand(s.shape[0], seq, pairs)
     return c, s
 
 

@@ -10,7 +10,8 @@ from typing import Sequence, Tuple
 import torch
 
 
-def mrope_streams(mrope_section: Sequence[int], half: int, interleaved: bool = False) -> torch.Tensor:
+def mrope_streams(mrope_section: Sequence[int], pairs: int,
+                  interleaved: bool = False) -> torch.Tensor:
     """Which position stream (0 = t, 1 = h, 2 = w) each of the r/2 pairs reads.
 
     chunked (Qwen2-VL): pairs [0, a_t) read t, the next a_h read h, the rest w.
@@ -21,14 +22,14 @@ def mrope_streams(mrope_section: Sequence[int], half: int, interleaved: bool = F
                        for a in mrope_section)):
         raise ValueError(f"mrope_section must be three non-negative ints [t, h, w], got "
                          f"{mrope_section!r}")
-    if sum(mrope_section) != half:
+    if sum(mrope_section) != pairs:
         raise ValueError(f"mrope_section {list(mrope_section)} must add up to rotary_dim / 2 = "
-                         f"{half} (cos.size(-1))")
+                         f"{pairs} (cos.size(-1))")
     a_t, a_h, a_w = mrope_section
-    i = torch.arange(half)
+    i = torch.arange(pairs)
     if not interleaved:
         return (i >= a_t).long() + (i >= a_t + a_h).long()
-    streams = torch.zeros(half, dtype=torch.long)
+    streams = torch.zeros(pairs, dtype=torch.long)
     streams[(i % 3 == 1) & (i < 3 * a_h)] = 1
     streams[(i % 3 == 2) & (i < 3 * a_w)] = 2
     return streams
@@ -53,14 +54,14 @@ def mrope_cos_sin(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
     if positions.dim() != 3 or positions.shape[0] != 3:
         raise ValueError(f"with mrope_section, positions must be [3, batch, seq] or [3, seq], got "
                          f"shape {tuple(positions.shape)}")
-    rows, half = cos.shape
-    streams = mrope_streams(mrope_section, half, interleaved).to(positions.device)
+    rows, pairs = cos.shape
+    streams = mrope_streams(mrope_section, pairs, interleaved).to(positions.device)
     per_pair = positions.long()[streams].permute(1, 2, 0)  # [batch, seq, r/2]
     valid = (per_pair >= 0) & (per_pair < rows)
     if positions.device.type == "cpu" and not bool(valid.all()):
         raise ValueError(f"positions must lie in [0, {rows}) for a table of {rows} rows, got "
                          f"values in [{int(per_pair.min())}, {int(per_pair.max())}]")
-    idx = per_pair.clamp(0, max(rows - 1, 0)).reshape(-1, half)
+    idx = per_pair.clamp(0, max(rows - 1, 0)).reshape(-1, pairs)
     nan = torch.tensor(float("nan"), dtype=cos.dtype, device=cos.device)
     out = []
     for table in (cos, sin):

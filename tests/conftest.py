@@ -106,32 +106,72 @@ def build_qkv(lead, hq, hk, head_dim, dtype=torch.float32, head_dim_k=None, gene
     return base, q, k, v
 
 
-def build_table(form, batch, seq, half, dtype=torch.float32, pos_dtype=torch.int64,
-                rows=None):
-    """(cos, sin, positions) for the op, in one of TABLE_FORMS (batch None means thd).
+def cut_table(cos64, sin64, dtype, storage="contiguous"):
+    """cos/sin of the given float64 values, rounded to dtype, in one of the memory layouts
+    callers use: contiguous; chunk (the two halves of one [.., r] cos|sin cache: row stride r);
+    pairs (stack([cos, sin], -1)[..., 0 / 1]: last stride 2); wide (every other column of a
+    buffer twice as wide)."""
+    if storage == "contiguous":
+        return cos64.to(dtype), sin64.to(dtype)
+    pairs = cos64.shape[-1]
+    if storage == "chunk":
+        cs = torch.cat([cos64, sin64], -1).to(dtype)
+        return cs[..., :pairs], cs[..., pairs:]
+    if storage == "pairs":
+        cs = torch.stack([cos64, sin64], -1).to(dtype)
+        return cs[..., 0], cs[..., 1]
+    if storage == "wide":
+        wc = torch.zeros(cos64.shape[:-1] + (2 * pairs,), dtype=dtype)
+        ws = torch.zeros_like(wc)
+        wc[..., 1::2] = cos64.to(dtype)
+        ws[..., 1::2] = sin64.to(dtype)
+        return wc[..., 1::2], ws[..., 1::2]
+    raise ValueError(storage)
 
-    Values are a genuine RoPE table (base 10000) at scattered positions, rounded to `dtype`.
+
+# Positions given in other memory: [batch, seq] as an expanded [1, seq], or every other
+# element of a wider buffer ([batch, seq] or, for thd, [tokens]).
+POS_LAYOUT_FORMS = ("pos_bs_expand", "pos_bs_strided", "pos_s_strided")
+
+
+def build_table(form, batch, seq, pairs, dtype=torch.float32, pos_dtype=torch.int64,
+                rows=None, base=10000.0, attention_factor=1.0, storage="contiguous",
+                generator=None):
+    """(cos, sin, positions) for the op, in one of TABLE_FORMS or POS_LAYOUT_FORMS (batch None
+    means thd: positions [tokens], "pos_s" or "pos_s_strided"), the table cut by `storage`
+    (cut_table).
+
+    Values are a genuine RoPE table (r = 2 * pairs, `base`, `attention_factor`) of `rows` rows
+    (default seq + 5), rounded to `dtype`; positions, or the rows picked for a per-token
+    table, are random (from `generator`), and positions always use the first and last row.
     """
     thd = batch is None
     rows = seq + 5 if rows is None else rows
-    cos, sin = ref.default_table(2 * half, max(rows, 1))
+    cos, sin = ref.table(ref.inv_freq(2 * pairs, base), max(rows, 1), attention_factor)
     cos, sin = cos[:rows], sin[:rows]
-    if form in POS_FORMS:
+    if form.startswith("pos"):
+        strided = form.endswith("_strided")
         if thd:
-            shape = (seq,)
+            shape = (seq, 2) if strided else (seq,)
         else:
-            shape = {"pos_bs": (batch, seq), "pos_1s": (1, seq), "pos_s": (seq,)}[form]
-        pos = torch.randint(0, rows, shape)
+            shape = {"pos_bs": (batch, seq), "pos_1s": (1, seq), "pos_s": (seq,),
+                     "pos_bs_expand": (1, seq), "pos_bs_strided": (batch, seq, 2),
+                     "pos_s_strided": (seq, 2)}[form]
+        pos = torch.randint(0, rows, shape, generator=generator)
         if pos.numel() >= 2:  # the first and the last row of the table are always used
             pos.view(-1)[0], pos.view(-1)[-1] = 0, rows - 1
-        return cos.to(dtype), sin.to(dtype), pos.to(pos_dtype)
+        pos = pos.to(pos_dtype)
+        if strided:
+            pos = pos[..., 0]
+        if form == "pos_bs_expand":
+            pos = pos.expand(batch, seq)
+        return *cut_table(cos, sin, dtype, storage), pos
     assert not thd, "thd needs positions"
-    if form == "rows":
-        return cos.to(dtype), sin.to(dtype), None
-    # Per-token tables: rows of the default table at random positions, one per token.
-    tok_shape = {"tok_s": (seq,), "tok_bs": (batch, seq), "tok_1s": (1, seq)}[form]
-    pick = torch.randint(0, rows, tok_shape)
-    return cos[pick].to(dtype), sin[pick].to(dtype), None
+    if form != "rows":  # per-token tables: rows at random positions, one per token
+        tok_shape = {"tok_s": (seq,), "tok_bs": (batch, seq), "tok_1s": (1, seq)}[form]
+        pick = torch.randint(0, rows, tok_shape, generator=generator)
+        cos, sin = cos[pick], sin[pick]
+    return *cut_table(cos, sin, dtype, storage), None
 
 
 # --- devices: where a kernel test runs ---
@@ -142,6 +182,8 @@ def build_table(form, batch, seq, half, dtype=torch.float32, pos_dtype=torch.int
 ROPE_TEST_DEVICE = os.environ.get("ROPE_TEST_DEVICE")
 DEVICES = [ROPE_TEST_DEVICE] if ROPE_TEST_DEVICE else (
     ["cpu", "cuda-host"] + (["cuda"] if torch.cuda.is_available() else []))
+# tests/test_cuda.py runs on one of them: the GPU where there is one, else the host executor.
+CUDA_KERNEL_DEVICE = ROPE_TEST_DEVICE or ("cuda" if torch.cuda.is_available() else "cuda-host")
 
 
 def check_devices(devices):

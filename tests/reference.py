@@ -38,11 +38,11 @@ def default_table(rotary_dim, num_positions, base=10000.0, attention_factor=1.0)
 
 def pair_slots(rotary_dim, interleaved):
     """Indices (a_idx, b_idx) of the r/2 pairs: (i, i + r/2) half-split, (2i, 2i + 1) interleaved."""
-    half = rotary_dim // 2
-    i = torch.arange(half)
+    pairs = rotary_dim // 2
+    i = torch.arange(pairs)
     if interleaved:
         return 2 * i, 2 * i + 1
-    return i, i + half
+    return i, i + pairs
 
 
 def token_rows(x, cos, sin, positions=None):
@@ -124,10 +124,10 @@ def permute_evens_first(x, rotary_dim):
 
 def unpermute_evens_first(x, rotary_dim):
     """P^-1."""
-    half = rotary_dim // 2
+    pairs = rotary_dim // 2
     order = torch.empty(rotary_dim, dtype=torch.long)
-    order[0::2] = torch.arange(half)
-    order[1::2] = torch.arange(half, rotary_dim)
+    order[0::2] = torch.arange(pairs)
+    order[1::2] = torch.arange(pairs, rotary_dim)
     order = torch.cat([order, torch.arange(rotary_dim, x.shape[-1])])
     return x[..., order]
 

@@ -15,22 +15,20 @@ are deselected (not skipped) without a GPU; every other test runs everywhere.
 
 import contextlib
 import functools
-import os
 
 import pytest
 import torch
 
 import reference as ref
 import rope_ext
-from conftest import X_DTYPES, build_qkv, build_table, cpu_kernel, to_dev
+from conftest import (CUDA_KERNEL_DEVICE, X_DTYPES, build_qkv, build_table, check_devices,
+                      cpu_kernel, to_dev)
 from test_op import matrix, test_apply_matches_reference
 
-DEVICE = os.environ.get("ROPE_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cuda-host")
-assert DEVICE in ("cuda", "cuda-host", "cpu"), f"ROPE_TEST_DEVICE={DEVICE}: cuda, cuda-host or cpu"
+DEVICE = CUDA_KERNEL_DEVICE
+check_devices([DEVICE])
 ON_GPU = DEVICE == "cuda"
 TENSOR_DEVICE = "cuda" if ON_GPU else "cpu"
-if ON_GPU and not torch.cuda.is_available():
-    raise RuntimeError("ROPE_TEST_DEVICE=cuda but torch sees no GPU")
 needs_gpu = pytest.mark.needs_gpu
 testing = torch.ops.rope_testing
 

@@ -7,10 +7,12 @@ ranks, values, devices, layout, rope_type, missing scaling keys, out-of-range po
 overlapping in-place tensors raise ValueError. Every check matches the argument's name as a
 whole word in the message.
 
-The four ops share one argument check (csrc/rope_adapter.cpp), so test_rejected_at_op tries
-every bad value of a kind once, at torch.ops.rope.apply (apply_qk for what concerns k), and
-test_propagates sends the first value of each kind through every entry point (the other ops,
-apply_rope and apply_rope_qk in place or not, RotaryEmbedding.forward), which must pass it on.
+The four ops share one argument check (csrc/rope_adapter.cpp: check_x, then check_arguments,
+for apply, apply_, apply_qk and apply_qk_ alike), so test_rejected_at_op tries every bad value of
+a kind once, at torch.ops.rope.apply (apply_qk for what concerns k), and test_propagates sends the
+first value of each kind once through each Python wrapper that takes it (apply_rope and
+apply_rope_qk, in place or not, RotaryEmbedding.forward), which must pass it on (the in-place
+wrappers reach the in-place ops). test_ops_share_the_check below runs one kind through each op.
 
 Cases that could take the interpreter down if a check were missing (positions outside the
 table, in-place writes through overlapping or zero strides) run in one child interpreter
@@ -38,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 B, S, H, D = 2, 4, 3, 8   # batch, seq, heads, head_dim
-HALF = 4                  # r / 2: the table has HALF columns, r = 8 = D
+PAIRS = 4                 # r / 2: the table has PAIRS columns, r = 8 = D
 P = 16                    # table rows
 
 OPS = ("op.apply", "op.apply_", "op.apply_qk", "op.apply_qk_")
@@ -51,8 +53,8 @@ WRAPPERS = ("apply_rope", "apply_rope[inplace]", "apply_rope_qk", "apply_rope_qk
             "module")
 
 
-def table(rows=P, half=HALF, dtype=torch.float32):
-    inv_freq, attn = rope_ext.rope_frequencies(2 * half)
+def table(rows=P, pairs=PAIRS, dtype=torch.float32):
+    inv_freq, attn = rope_ext.rope_frequencies(2 * pairs)
     return rope_ext.cos_sin_table(inv_freq, rows, attn, dtype=dtype)
 
 
@@ -62,9 +64,9 @@ def xname(entry):
 
 
 def call(entry, x, cos=None, sin=None, positions=None, k=None, layout=None):
-    """Run one entry point. cos/sin default to a [P, HALF] table; k defaults to a copy of x;
+    """Run one entry point. cos/sin default to a [P, PAIRS] table; k defaults to a copy of x;
     layout defaults to "thd" for 3-D x, "bshd" otherwise (the module ignores cos/sin and
-    builds its own [P, HALF] table)."""
+    builds its own [P, PAIRS] table)."""
     if cos is None:
         cos, sin = table()
     if layout is None:
@@ -88,7 +90,7 @@ def call(entry, x, cos=None, sin=None, positions=None, k=None, layout=None):
     if entry == "apply_rope_qk[inplace]":
         return rope_ext.apply_rope_qk(x, k, cos, sin, positions, layout=layout, inplace=True)
     if entry == "module":
-        rope = rope_ext.RotaryEmbedding(D, rotary_dim=2 * HALF, max_positions=P, layout=layout)
+        rope = rope_ext.RotaryEmbedding(D, rotary_dim=2 * PAIRS, max_positions=P, layout=layout)
         return rope(x, k, positions)
     raise AssertionError(entry)
 
@@ -158,24 +160,24 @@ KINDS = {
     "k_rank": (ValueError, "k", QK_ENTRIES, [(S, D), (B, S, H, D, 1)],
                lambda v: dict(x=x4(), k=torch.randn(v))),
     "cos_rank": (ValueError, "cos", NOT_MODULE,
-                 [(s, p) for s in [(HALF,), (1, 1, P, HALF), (), (B, S, 1, HALF)]
+                 [(s, p) for s in [(PAIRS,), (1, 1, P, PAIRS), (), (B, S, 1, PAIRS)]
                   for p in (False, True)],
                  lambda v: dict(x=x4(), **_tables(v[0]), positions=arange_pos() if v[1] else None)),
     "cos_sin_shape_mismatch": (ValueError, "sin", NOT_MODULE,
-                               [((P, HALF), (P, HALF - 1)), ((P, HALF), (P - 1, HALF)),
-                                ((P, HALF), (1, P, HALF)), ((B, S, HALF), (1, S, HALF))],
+                               [((P, PAIRS), (P, PAIRS - 1)), ((P, PAIRS), (P - 1, PAIRS)),
+                                ((P, PAIRS), (1, P, PAIRS)), ((B, S, PAIRS), (1, S, PAIRS))],
                                lambda v: dict(x=x4(), cos=torch.ones(v[0]), sin=torch.ones(v[1]))),
     "rotary_dim_exceeds_head_dim": (ValueError, "head_dim", NOT_MODULE, [False, True],
-                                    lambda v: dict(x=x4(), cos=table(half=D // 2 + 1)[0],
-                                                   sin=table(half=D // 2 + 1)[1],
+                                    lambda v: dict(x=x4(), cos=table(pairs=D // 2 + 1)[0],
+                                                   sin=table(pairs=D // 2 + 1)[1],
                                                    positions=arange_pos() if v else None)),
     # q holds r, k's head_dim is smaller: the message must point at k.
     "rotary_dim_exceeds_k_head_dim": (ValueError, K_HEAD_DIM, PAIR, [D - 2],
                                       lambda v: dict(x=x4(), k=torch.randn(B, S, 1, v),
                                                      positions=arange_pos())),
     "per_token_table_shape": (ValueError, "cos", NOT_MODULE,
-                              [(B + 1, S, HALF), (B, S + 1, HALF), (B, S - 1, HALF),
-                               (1, S + 1, HALF), (B, 1, HALF)],
+                              [(B + 1, S, PAIRS), (B, S + 1, PAIRS), (B, S - 1, PAIRS),
+                               (1, S + 1, PAIRS), (B, 1, PAIRS)],
                               lambda v: dict(x=x4(), **_tables(v))),
     "table_shorter_than_seq": (ValueError, "cos", NOT_MODULE, [S - 1],
                                lambda v: dict(x=x4(), cos=table(rows=v)[0], sin=table(rows=v)[1])),
@@ -189,12 +191,12 @@ KINDS = {
                                            positions=torch.zeros(v, dtype=torch.int32))),
     "thd_without_positions": (ValueError, "positions", ALL_ENTRIES, [None],
                               lambda v: dict(x=torch.randn(S, H, D))),
-    # [S, HALF] reads as a table of S rows, [1, S, HALF] as per-token rows: thd needs positions.
+    # [S, PAIRS] reads as a table of S rows, [1, S, PAIRS] as per-token rows: thd needs positions.
     "thd_per_token_table_without_positions": (ValueError, "positions", NOT_MODULE,
-                                              [(1, S, HALF), (S, HALF)],
+                                              [(1, S, PAIRS), (S, PAIRS)],
                                               lambda v: dict(x=torch.randn(S, H, D), **_tables(v))),
     "per_token_table_with_positions": (ValueError, "positions", NOT_MODULE,
-                                       [(B, S, HALF), (1, S, HALF), (1, P, HALF)],
+                                       [(B, S, PAIRS), (1, S, PAIRS), (1, P, PAIRS)],
                                        lambda v: dict(x=x4(), **_tables(v),
                                                       positions=arange_pos())),
     # (the wrappers' rank check sees a 3-D k first, for layout bshd: k_rank)
@@ -224,9 +226,19 @@ def test_rejected_at_op(kind, value):
     _expect_raises(kind, "op.apply" if "op.apply" in KINDS[kind][2] else "op.apply_qk", value)
 
 
-@pytest.mark.parametrize("entry,kind", [(e, k) for k, spec in KINDS.items() for e in spec[2]])
+@pytest.mark.parametrize("entry,kind", [(e, k) for k, spec in KINDS.items() for e in spec[2]
+                                        if e in WRAPPERS])
 def test_propagates(entry, kind):
     _expect_raises(kind, entry, KINDS[kind][3][0])
+
+
+@pytest.mark.parametrize("entry", OPS)
+def test_ops_share_the_check(entry):
+    """Each of the four ops runs the shared check: a bad value of x, of positions, of the
+    table, and (the qk ops) of k, are each answered with the argument's name."""
+    for kind in ("non_float_x", "positions_dtype", "table_dtype") + (
+            ("q_k_dtype_mismatch",) if entry in PAIR else ()):
+        _expect_raises(kind, entry, KINDS[kind][3][0])
 
 
 @pytest.mark.parametrize("entry", OPS)
@@ -296,10 +308,10 @@ NAN, INF = float("nan"), float("inf")
 
 
 def _inv():
-    return rope_ext.rope_frequencies(2 * HALF)[0]
+    return rope_ext.rope_frequencies(2 * PAIRS)[0]
 
 
-def _frequencies(rotary_dim=2 * HALF, base=10000.0, scaling=None):
+def _frequencies(rotary_dim=2 * PAIRS, base=10000.0, scaling=None):
     return rope_ext.rope_frequencies(rotary_dim, base, scaling)
 
 
@@ -318,9 +330,9 @@ BAD_ARGUMENTS = [
     (_frequencies, TypeError, "rotary_dim", [8.0, "8", None, [8], True]),
     (_frequencies, ValueError, "base", [1, 1.0, 0.5, 0.0, -10000.0, NAN, INF, -INF]),
     (_frequencies, TypeError, "scaling", [["linear", 2.0], "linear", 2.0, ("rope_type", "linear")]),
-    (_table, ValueError, "inv_freq", [torch.ones(2, HALF, dtype=torch.float64),
-                                      torch.ones((), dtype=torch.float64), torch.ones(1, HALF)]),
-    (_table, TypeError, "inv_freq", [torch.ones(HALF, dtype=dt)
+    (_table, ValueError, "inv_freq", [torch.ones(2, PAIRS, dtype=torch.float64),
+                                      torch.ones((), dtype=torch.float64), torch.ones(1, PAIRS)]),
+    (_table, TypeError, "inv_freq", [torch.ones(PAIRS, dtype=dt)
                                      for dt in (torch.int64, torch.int32, torch.bool)]),
     (_table, ValueError, "max_positions", [-1, -P]),
     (_table, TypeError, "max_positions", [16.0, 1.5, "16", None, torch.tensor(16)]),
@@ -363,8 +375,8 @@ COMPLETE = {
     "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, ["factor"]),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
              ["factor", "original_max_position_embeddings"]),
-    "longrope": ({"rope_type": "longrope", "short_factor": [1.0] * HALF,
-                  "long_factor": [2.0] * HALF, "original_max_position_embeddings": 4096},
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0] * PAIRS,
+                  "long_factor": [2.0] * PAIRS, "original_max_position_embeddings": 4096},
                  ["short_factor", "long_factor", "original_max_position_embeddings"]),
     "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
@@ -377,8 +389,8 @@ MISSING = [(kind, key) for kind, (_, keys) in COMPLETE.items() for key in keys]
 @pytest.mark.parametrize("kind", list(COMPLETE))
 def test_complete_scaling_accepted(kind):
     # The contrast to test_missing_scaling_key: with every required key the dict is accepted.
-    inv_freq, attn = rope_ext.rope_frequencies(2 * HALF, 10000.0, dict(COMPLETE[kind][0]))
-    assert inv_freq.shape == (HALF,)
+    inv_freq, attn = rope_ext.rope_frequencies(2 * PAIRS, 10000.0, dict(COMPLETE[kind][0]))
+    assert inv_freq.shape == (PAIRS,)
     assert math.isfinite(attn) and attn > 0
 
 
@@ -387,7 +399,7 @@ def test_missing_scaling_key(kind, key):
     scaling = dict(COMPLETE[kind][0])
     del scaling[key]
     with pytest.raises(ValueError, match=word("scaling")) as info:
-        rope_ext.rope_frequencies(2 * HALF, 10000.0, scaling)
+        rope_ext.rope_frequencies(2 * PAIRS, 10000.0, scaling)
     assert key in str(info.value), str(info.value)
 
 
@@ -402,7 +414,7 @@ def test_missing_scaling_key_module():
 def test_scaling_factor_value(kind, factor):
     scaling = dict(COMPLETE[kind][0], factor=factor)
     with pytest.raises(ValueError, match=word("factor")):
-        rope_ext.rope_frequencies(2 * HALF, 10000.0, scaling)
+        rope_ext.rope_frequencies(2 * PAIRS, 10000.0, scaling)
 
 
 @pytest.mark.parametrize("head_dim,rotary_dim", [(8, 10), (8, 16), (2, 4)])
@@ -874,12 +886,12 @@ def _case_functional_expand():
 @_isolated("functional_zero_stride_table", None)
 def _case_functional_table_expand():
     cos0, sin0 = table()
-    cos, sin = cos0[3:4].expand(P, HALF), sin0[3:4].expand(P, HALF)
+    cos, sin = cos0[3:4].expand(P, PAIRS), sin0[3:4].expand(P, PAIRS)
     x = x4()
 
     def act():
         act.out = ops.apply(x, cos, sin, arange_pos())
-        act.tok = ops.apply(x, cos0[3].expand(B, S, HALF), sin0[3].expand(B, S, HALF))
+        act.tok = ops.apply(x, cos0[3].expand(B, S, PAIRS), sin0[3].expand(B, S, PAIRS))
 
     def post():
         e = reference(x, cos.contiguous(), sin.contiguous(), arange_pos())

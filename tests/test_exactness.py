@@ -167,7 +167,7 @@ def test_rotation_within_one_ulp_near_2_pow_20(big_table, dtype, interleaved):
 
 POSITIONS = [10**4, 10**5, 10**6, BIG]
 # docs/math.md section 7 (float32 emulation, r 128): max angle error at these positions.
-SPEC_ERRORS = {(10000.0, 10**4): 3.2e-4, (10000.0, 10**5): 5.2e-3, (10000.0, 10**6): 0.052,
+DOC_ERRORS = {(10000.0, 10**4): 3.2e-4, (10000.0, 10**5): 5.2e-3, (10000.0, 10**6): 0.052,
                (500000.0, 10**6): 0.046, (1e6, 10**6): 0.062}
 
 
@@ -213,7 +213,7 @@ def test_transformers_angle_error_vs_ours(base):
     hf_inv = hf.inv_freq
 
     print(f"\n[base {base:g}, r {r}] max over pairs of |angle - exact| (rad)")
-    print(f"  {'position':>9} {'transformers':>13} {'emulated fp32':>14} {'ours':>10}  SPEC")
+    print(f"  {'position':>9} {'transformers':>13} {'emulated fp32':>14} {'ours':>10}  docs")
     for k, m in enumerate(POSITIONS):
         exact = [m * t for t in theta]
         hf_err = max(angle_error(hf_cos[k][i], hf_sin[k][i], exact[i]) for i in range(r // 2))
@@ -221,17 +221,17 @@ def test_transformers_angle_error_vs_ours(base):
                        for i in range(r // 2))
         emu = (hf_inv * torch.tensor(float(m), dtype=torch.float32)).tolist()
         emu_err = max(abs(emu[i] - exact[i]) for i in range(r // 2))
-        spec = SPEC_ERRORS.get((base, m))
+        documented = DOC_ERRORS.get((base, m))
         print(f"  {m:>9} {hf_err:>13.3e} {emu_err:>14.3e} {ours_err:>10.2e}  "
-              f"{'' if spec is None else f'{spec:.2g}'}")
+              f"{'' if documented is None else f'{documented:.2g}'}")
 
         # Ours: cos and sin each rounded once to float32 -> angle off by < 2**-23 rad.
         assert ours_err < 2.0**-23, (m, ours_err)
         # transformers' real module has exactly the error of its float32 angle (its float32
         # cos/sin add ~1e-7), which is what docs/math.md section 7 tabulates.
         assert abs(hf_err - emu_err) <= 1e-6 + 1e-3 * emu_err, (m, hf_err, emu_err)
-        if spec is not None:
-            assert 0.5 * spec <= hf_err <= 1.5 * spec, (m, hf_err, spec)
+        if documented is not None:
+            assert 0.5 * documented <= hf_err <= 1.5 * documented, (m, hf_err, documented)
         # At every checked position transformers is off by over 1000 times our error ...
         assert hf_err > 1000 * max(ours_err, 1e-9)
         if m >= 10**6:  # ... and by more than 1e-2 rad from position 1e6 on.

@@ -35,7 +35,8 @@ class Attention(torch.nn.Module):
         return torch.einsum("bshd,bthd->bhst", q[:, :, :self.kv_heads], k + k2)
 
 
-DEVICES = pytest.mark.parametrize(
+# Where the tensors live (not a kernel choice: the exported program runs the op as compiled).
+TENSOR_DEVICES = pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_gpu)])
 
 
@@ -56,7 +57,7 @@ def _run_fresh(code, tmp_path):
     return run.stdout
 
 
-@DEVICES
+@TENSOR_DEVICES
 def test_export_save_load_in_a_fresh_process(tmp_path, device):
     model, args = _model_and_inputs(device)
     expected = model(*args)
@@ -87,7 +88,7 @@ def test_export_with_dynamic_sequence_length():
 
 @pytest.mark.skipif(not hasattr(torch, "_inductor") or sys.platform != "linux",
                     reason="AOTInductor packages are built on Linux")
-@DEVICES
+@TENSOR_DEVICES
 def test_aot_inductor_package_loads_and_runs_in_a_fresh_process(tmp_path, device):
     model, args = _model_and_inputs(device)
     expected = model(*args)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import rope_ext
-from conftest import X_DTYPES, build_qkv, build_x, op_view
+from conftest import X_DTYPES, build_qkv, build_table, build_x, op_view
 from reference import assert_bit_identical
 
 ops = torch.ops.rope
@@ -33,38 +33,16 @@ FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=Non
 FUZZ_QK = settings(FUZZ, max_examples=600)
 FUZZ_QK_FUSED = settings(FUZZ, max_examples=300)
 
-# Rotary half-widths: every small count (vector tails) plus widths around the CPU kernel's
+# r/2 values: every small count (vector tails) plus widths around the CPU kernel's
 # block sizes (16 float64 / 32 float32, bf16, fp16 elements) and real models' 32 and 64.
-HALVES = st.one_of(st.integers(0, 20), st.sampled_from([0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33,
+ROTARY_PAIRS = st.one_of(st.integers(0, 20), st.sampled_from([0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33,
                                                           48, 64]))
-def cut_table(c64, s64, dtype, storage):
-    """cos/sin of the given values, rounded to dtype, in one of the memory layouts callers use:
-    contiguous; chunk (the two halves of one [.., r] cos|sin cache: row stride r); pairs
-    (stack([cos, sin], -1)[..., 0 / 1]: last stride 2); wide (every other column of a buffer
-    twice as wide)."""
-    if storage == "contiguous":
-        return c64.to(dtype), s64.to(dtype)
-    half = c64.shape[-1]
-    if storage == "chunk":
-        cs = torch.cat([c64, s64], -1).to(dtype)
-        return cs[..., :half], cs[..., half:]
-    if storage == "pairs":
-        cs = torch.stack([c64, s64], -1).to(dtype)
-        return cs[..., 0], cs[..., 1]
-    if storage == "wide":
-        wc = torch.zeros(c64.shape[:-1] + (2 * half,), dtype=dtype)
-        ws = torch.zeros_like(wc)
-        wc[..., 1::2] = c64.to(dtype)
-        ws[..., 1::2] = s64.to(dtype)
-        return wc[..., 1::2], ws[..., 1::2]
-    raise ValueError(storage)
-
-
-def draw_table(data, layout, b, s, half, x_dtype, g):
-    """(cos, sin, positions) in a table form drawn for the layout; values are a genuine RoPE table
-    (random base and attention factor), positions random within the table."""
+def draw_table(data, layout, b, s, pairs, x_dtype, g):
+    """(cos, sin, positions) in a table form, dtype and memory layout drawn for the layout
+    (conftest.build_table); values are a genuine RoPE table (random base and attention factor),
+    positions random within the table."""
     thd = layout == "thd"
-    forms = ["pos_t", "pos_t_strided"] if thd else [
+    forms = ["pos_s", "pos_s_strided"] if thd else [
         "pos_bs", "pos_1s", "pos_s", "pos_bs_expand", "pos_bs_strided",
         "rows", "tok_s", "tok_bs", "tok_1s"]
     form = data.draw(st.sampled_from(forms), label="table form")
@@ -79,25 +57,8 @@ def draw_table(data, layout, b, s, half, x_dtype, g):
         rows = data.draw(st.integers(max(s, 1), max(s, 1) + 40), label="table rows")
     else:
         rows = data.draw(st.integers(1, 64), label="table rows")
-    c64, s64 = ref.table(ref.inv_freq(2 * half, base), rows, attn)
-    positions = None
-    if form.startswith("pos"):
-        shape = {"pos_t": (s,), "pos_t_strided": (s, 2), "pos_bs": (b, s), "pos_1s": (1, s),
-                 "pos_s": (s,), "pos_bs_expand": (1, s), "pos_bs_strided": (b, s, 2)}[form]
-        positions = torch.randint(0, rows, shape, generator=g)
-        if positions.numel() >= 2:  # the first and the last row of the table are used
-            positions.view(-1)[0], positions.view(-1)[-1] = 0, rows - 1
-        positions = positions.to(pos_dtype)
-        if form.endswith("_strided"):
-            positions = positions[..., 0]
-        if form == "pos_bs_expand":
-            positions = positions.expand(b, s)
-    elif form != "rows":
-        tok = {"tok_s": (s,), "tok_bs": (b, s), "tok_1s": (1, s)}[form]
-        pick = torch.randint(0, rows, tok, generator=g)
-        c64, s64 = c64[pick], s64[pick]
-    cos, sin = cut_table(c64, s64, tdt, tstorage)
-    return cos, sin, positions
+    return build_table(form, None if thd else b, s, pairs, tdt, pos_dtype, rows, base, attn,
+                       tstorage, generator=g)
 
 
 # Zero and one included in each; a zero somewhere in about a third of the cases.
@@ -117,8 +78,8 @@ def test_fuzz_apply(data):
     b = 1 if layout == "thd" else draw(SIZES["batch"], label="batch")
     s = draw(SIZES["seq"], label="seq (tokens for thd)")
     h = draw(SIZES["heads"], label="heads")
-    half = draw(HALVES, label="r/2")
-    d = 2 * half + draw(st.sampled_from([0, 0, 0, 1, 2, 3, 6]), label="head_dim - r")
+    pairs = draw(ROTARY_PAIRS, label="r/2")
+    d = 2 * pairs + draw(st.sampled_from([0, 0, 0, 1, 2, 3, 6]), label="head_dim - r")
     # fused_hf: for bhsd, the bshd slice of the projection transposed, as Hugging Face does
     storage = draw(st.sampled_from(["contiguous", "fused_hf", "strided", "transposed", "expand"]),
                    label="x storage")
@@ -128,7 +89,7 @@ def test_fuzz_apply(data):
 
     sample = build_x(layout, storage, b, s, h, d, dtype, g, offset=draw(st.integers(0, 1)))
     x, buf = sample.x, sample.base
-    cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
+    cos, sin, positions = draw_table(data, layout, b, s, pairs, dtype, g)
     xv = op_view(x, layout)  # [b, s, h, d] or [t, h, d], a view of buf
     x_before = x.clone()
     buf_before = buf.clone()
@@ -142,7 +103,7 @@ def test_fuzz_apply(data):
     assert_bit_identical(buf, buf_before, "the functional op changed its input")
 
     expected = ref.rope(xv, cos, sin, positions, interleaved, inverse)
-    ref.assert_pairs_close(out_v, expected, xv, 2 * half, interleaved)
+    ref.assert_pairs_close(out_v, expected, xv, 2 * pairs, interleaved)
 
     # In place on a copy of the same memory layout: bit for bit the functional result, and
     # nothing written outside x (the rest of the fused buffer, the skipped strided elements).
@@ -183,18 +144,18 @@ def draw_qk_case(data):
     hk = draw(st.sampled_from([0, 1, 1, 2, 3]), label="k heads")
     hq = hk * draw(st.sampled_from([1, 2, 4]), label="q heads per k head") + draw(
         st.sampled_from([0, 0, 1]), label="extra q heads")
-    half = draw(HALVES, label="r/2")
-    dq = 2 * half + draw(st.sampled_from([0, 0, 2, 5]), label="q head_dim - r")
-    dk = dq if draw(st.booleans(), label="same head_dim") else 2 * half + draw(
+    pairs = draw(ROTARY_PAIRS, label="r/2")
+    dq = 2 * pairs + draw(st.sampled_from([0, 0, 2, 5]), label="q head_dim - r")
+    dk = dq if draw(st.booleans(), label="same head_dim") else 2 * pairs + draw(
         st.integers(0, 4), label="k head_dim - r")
     interleaved = draw(st.booleans(), label="interleaved")
     lead = (s,) if layout == "thd" else (b, s)
     buf, q, k, v = build_qkv(lead, hq, hk, dq, dtype, head_dim_k=dk, generator=g)
     if layout == "bhsd":  # HF: proj(x).view(b, s, h, d).transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    cos, sin, positions = draw_table(data, layout, b, s, half, dtype, g)
+    cos, sin, positions = draw_table(data, layout, b, s, pairs, dtype, g)
     return dict(buf=buf, q=q, k=k, v=v, cos=cos, sin=sin, positions=positions,
-                interleaved=interleaved, layout=layout, r=2 * half)
+                interleaved=interleaved, layout=layout, r=2 * pairs)
 
 
 @FUZZ_QK

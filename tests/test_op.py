@@ -377,6 +377,25 @@ def test_other_cpu_kernels(capability):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+def test_unknown_cpu_kernel_name_is_rejected():
+    """An unknown kernel name raises (it was once taken as "the widest"): from set_cpu_kernel
+    at once, from ROPE_EXT_CPU_KERNEL at the first CPU op call (and each one after it)."""
+    with pytest.raises(ValueError, match=r"'widest' is not a CPU kernel"):
+        torch.ops.rope_testing.set_cpu_kernel("widest")
+    code = ("import torch, rope_ext\n"
+            "x = torch.randn(1, 2, 1, 8)\n"
+            "cos, sin = rope_ext.cos_sin_table(rope_ext.rope_frequencies(8)[0], 4)\n"
+            "for _ in range(2):\n"
+            "    try:\n"
+            "        torch.ops.rope.apply(x, cos, sin)\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, ROPE_EXT_CPU_KERNEL="widest"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("ROPE_EXT_CPU_KERNEL 'widest' is not a CPU kernel") == 2, run.stdout
+
+
 # --- NaN and Inf stay inside their pair (docs/math.md section 12.6) ---
 
 

@@ -298,7 +298,7 @@ def test_longrope_tables_match_transformers(head_dim, prf, short, long, seq_len)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_spec_dynamic_base():
+def test_documented_dynamic_base():
     inv = dynamic_inv_freq(128, 10000.0, 2.0, 4096, 8192)
     new_base = inv[1].item() ** (-64)   # theta_1 = base' ** (-2 / 128)
     assert new_base == pytest.approx(30527.74, abs=0.01)
@@ -311,7 +311,7 @@ def test_spec_dynamic_base():
 
 @pytest.mark.parametrize("r,base,orig,lo,hi", [(128, 1e4, 4096, 20, 46), (64, 1e4, 4096, 10, 23),
                                                (128, 1e6, 32768, 23, 40)])
-def test_spec_yarn_ramp(r, base, orig, lo, hi):
+def test_documented_yarn_ramp(r, base, orig, lo, hi):
     factor = 4.0
     scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
     inv, _ = rope_ext.rope_frequencies(r, base, scaling)
@@ -331,19 +331,19 @@ def test_spec_yarn_ramp(r, base, orig, lo, hi):
                                             ({"factor": 40.0, "mscale": 0.707}, 1.3688879),
                                             ({"factor": 1.0}, 1.0),
                                             ({"factor": 4.0, "attention_factor": 0.9}, 0.9)])
-def test_spec_yarn_attention_factor(extra, expected):
+def test_documented_yarn_attention_factor(extra, expected):
     scaling = dict({"rope_type": "yarn", "original_max_position_embeddings": 4096}, **extra)
     assert rope_ext.rope_frequencies(64, 10000.0, scaling)[1] == pytest.approx(expected, abs=5e-8)
 
 
 @pytest.mark.parametrize("mscale", [0.707, 1.0, 2.5])
-def test_spec_yarn_equal_mscales_give_exactly_one(mscale):
+def test_documented_yarn_equal_mscales_give_exactly_one(mscale):
     scaling = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                "mscale": mscale, "mscale_all_dim": mscale}
     assert rope_ext.rope_frequencies(64, 10000.0, scaling)[1] == 1.0
 
 
-def test_spec_llama3_bands():
+def test_documented_llama3_bands():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     inv, factor = rope_ext.rope_frequencies(128, 500000.0, scaling)
@@ -358,7 +358,7 @@ def test_spec_llama3_bands():
     assert sm == pytest.approx(0.59285, abs=5e-6)
 
 
-def test_spec_longrope():
+def test_documented_longrope():
     scaling = {"rope_type": "longrope", "short_factor": PHI3_SHORT, "long_factor": PHI3_LONG,
                "original_max_position_embeddings": 4096, "factor": 32.0}
     inv, factor = rope_ext.rope_frequencies(96, 10000.0, scaling)

@@ -19,12 +19,12 @@
 namespace rope::cpu {
 namespace CPU_CAPABILITY {
 
-// n elements of x (stride sx) into y (stride sy), converted; one of the two types is the
-// other's math type, and a narrowing rounds as the rotation's stores round.
+// n elements of x (x_stride apart) into y (y_stride apart), converted; one of the two types
+// is the other's math type, and a narrowing rounds as the rotation's stores round.
 template <typename from_t, typename to_t>
-void convert_row(const from_t* x, int64_t sx, to_t* y, int64_t sy, int64_t n) {
-  if (sx != 1 || sy != 1) {
-    for (int64_t d = 0; d < n; ++d) y[d * sy] = static_cast<to_t>(x[d * sx]);
+void convert_row(const from_t* x, int64_t x_stride, to_t* y, int64_t y_stride, int64_t n) {
+  if (x_stride != 1 || y_stride != 1) {
+    for (int64_t d = 0; d < n; ++d) y[d * y_stride] = static_cast<to_t>(x[d * x_stride]);
     return;
   }
   using In = Block<from_t>;
@@ -57,13 +57,14 @@ void load_heads(const scalar_t* x, int64_t stride_head, int64_t stride_dim, int6
   }
 }
 
-// The sum of squares of n elements of x at stride sd (the norm's statistic).
+// The sum of squares of n elements of x, stride apart (the norm's statistic).
 template <typename scalar_t>
-ROPE_HEAD_INLINE opmath_t<scalar_t> sum_squares(const scalar_t* x, int64_t sd, int64_t n) {
+ROPE_HEAD_INLINE opmath_t<scalar_t> sum_squares(const scalar_t* x, int64_t stride, int64_t n) {
   using T = opmath_t<scalar_t>;
-  if (sd != 1) {
+  if (stride != 1) {
     T sum = T(0);
-    for (int64_t d = 0; d < n; ++d) sum += static_cast<T>(x[d * sd]) * static_cast<T>(x[d * sd]);
+    for (int64_t d = 0; d < n; ++d)
+      sum += static_cast<T>(x[d * stride]) * static_cast<T>(x[d * stride]);
     return sum;
   }
 #if defined(ROPE_NATIVE_BF16)
@@ -217,16 +218,18 @@ ROPE_HEAD_INLINE void norm_rotate_head_folded(const RopeProblem& p, const scalar
 // One head of the forward: x (any stride) normalized by r, scaled by w, rotated into y.
 // At unit strides straight from x; otherwise through `scratch` (head_dim, math type).
 template <bool kStream, typename scalar_t>
-void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_sd, scalar_t* y,
-                      int64_t y_sd, int64_t head_dim, const opmath_t<scalar_t>* c,
+void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_stride, scalar_t* y,
+                      int64_t y_stride, int64_t head_dim, const opmath_t<scalar_t>* c,
                       const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
                       const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
-  if (x_sd == 1 && y_sd == 1) return scale_rotate_head<kStream>(p, x, y, head_dim, c, s, r, w);
-  convert_row(x, x_sd, scratch, 1, head_dim);
-  if (y_sd == 1) return scale_rotate_head<false>(p, scratch, y, head_dim, c, s, r, w);
+  if (x_stride == 1 && y_stride == 1)
+    return scale_rotate_head<kStream>(p, x, y, head_dim, c, s, r, w);
+  convert_row(x, x_stride, scratch, 1, head_dim);
+  if (y_stride == 1) return scale_rotate_head<false>(p, scratch, y, head_dim, c, s, r, w);
   scale_row(scratch, scratch, r, w, head_dim);
-  rotate_head_strided(scratch, 1, y, y_sd, c, s, p.pairs, p.interleaved);
-  convert_row(scratch + 2 * p.pairs, 1, y + 2 * p.pairs * y_sd, y_sd, head_dim - 2 * p.pairs);
+  rotate_head_strided(scratch, 1, y, y_stride, c, s, p.pairs, p.interleaved);
+  convert_row(scratch + 2 * p.pairs, 1, y + 2 * p.pairs * y_stride, y_stride,
+              head_dim - 2 * p.pairs);
 }
 
 // One head of y rotated (by the table row c, s) into buf, the math type; y[r:] copied.
@@ -245,12 +248,12 @@ void rotate_into_buffer(const RopeProblem& p, const scalar_t* y, int64_t stride_
               head_dim - 2 * p.pairs);
 }
 
-// A hint to bring n elements of x (stride sd) into the cache, a 64-byte line at a time
+// A hint to bring n elements of x (stride apart) into the cache, a 64-byte line at a time
 // (a strided row: each element's line).
 template <typename scalar_t>
-void prefetch_row(const scalar_t* x, int64_t sd, int64_t n) {
-  const int64_t step = sd == 1 ? std::max<int64_t>(1, 64 / sizeof(scalar_t)) : 1;
-  for (int64_t d = 0; d < n; d += step) __builtin_prefetch(x + d * sd);
+void prefetch_row(const scalar_t* x, int64_t stride, int64_t n) {
+  const int64_t step = stride == 1 ? std::max<int64_t>(1, 64 / sizeof(scalar_t)) : 1;
+  for (int64_t d = 0; d < n; d += step) __builtin_prefetch(x + d * stride);
 }
 
 // Elements of the largest tensor row (heads * head_dim) of q and k.

@@ -58,7 +58,9 @@ Kernel parse(const std::string& name, const char* origin) {
                     "default, avx2, avx512, avx512_bf16 or cuda-host");
 }
 
-// The kernel asked for: ROPE_EXT_CPU_KERNEL at load, then set_cpu_kernel.
+// The kernel asked for: ROPE_EXT_CPU_KERNEL, read at the first CPU op call (an unknown name
+// makes that call and every later one raise: a static left uninitialized by an exception
+// is initialized again on the next call), then set_cpu_kernel.
 std::atomic<int>& requested() {
   static std::atomic<int> kernel = [] {
     const char* env = std::getenv("ROPE_EXT_CPU_KERNEL");

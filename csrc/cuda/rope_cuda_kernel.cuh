@@ -328,10 +328,10 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
       } else if (computed) {
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) {
-          double cd, sd;
-          computed_row_value(t, pos, i0 + j, cd, sd);
-          c[j] = static_cast<T>(static_cast<table_t>(cd));
-          sn[j] = sign * static_cast<T>(static_cast<table_t>(sd));
+          double cos_value, sin_value;
+          computed_row_value(t, pos, i0 + j, cos_value, sin_value);
+          c[j] = static_cast<T>(static_cast<table_t>(cos_value));
+          sn[j] = sign * static_cast<T>(static_cast<table_t>(sin_value));
         }
       } else {
         ROPE_UNROLL
@@ -343,7 +343,7 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
 
       for (Index h = h_begin; h < h_end; ++h) {
         const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
-        // N > 1 only with unit-stride head_dim (x_vectorizes), so sd is 1 there.
+        // N > 1 only with unit-stride head_dim (x_vectorizes), so the dim stride is 1 there.
         const Pack<scalar_t, N> lo_in =
             Access::template load<scalar_t, N>(v.x + lo_off * v.stride_in);
         const Pack<scalar_t, N> hi_in =
