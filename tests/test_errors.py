@@ -113,7 +113,7 @@ def reference(x, cos, sin, positions=None, interleaved=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks: every value at the op, the first value of each kind through every entry point.
+# Argument checks: every value at the op, the first value of each kind through each wrapper.
 # kind: (exception type(s), the argument the message names (a name, a function of the entry
 # point, or a regex), the entry points that take it, the bad values, call()'s kwargs for one).
 # ---------------------------------------------------------------------------------------------
