@@ -140,10 +140,10 @@ inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
 template <typename T, unsigned kInline>
 class LineAlignedBuffer {
  public:
-  explicit LineAlignedBuffer(int64_t n, T fill = T(0)) : storage_(n + kPad) {
+  // Zero-filled: SmallVector(size) value-initializes every element.
+  explicit LineAlignedBuffer(int64_t n) : storage_(n + kPad) {
     const auto address = reinterpret_cast<uintptr_t>(storage_.data());
     data_ = reinterpret_cast<T*>((address + 63) & ~uintptr_t{63});
-    std::fill(data_, data_ + n, fill);
   }
   LineAlignedBuffer(const LineAlignedBuffer&) = delete;  // data_ points into storage_
   LineAlignedBuffer& operator=(const LineAlignedBuffer&) = delete;
