@@ -252,13 +252,37 @@ def test_dtypes(device, x_dtype, w_dtype, layout, form, storage, interleaved, ac
 
 @ACROSS
 @PAIRINGS
-@pytest.mark.parametrize("head_dim,rotary", [(64, "full"), (64, "partial"), (128, "partial"),
-                                             (12, "full"), (12, "partial"), (6, "partial")])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dname)
+@pytest.mark.parametrize("head_dim,rotary", [
+    (64, "full"), (128, "full"), (256, "full"), (96, "full"), (64, "partial"), (128, "partial"),
+    (256, "partial"), (12, "full"), (12, "partial"), (6, "partial")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dname)
 def test_head_dims(device, dtype, head_dim, rotary, interleaved, across_heads):
-    # 64 / 128: whole vectors of every dtype; 12, 6: the scalar tails (r/2 odd for 6 and 12).
+    # 64, 128, 256 fully rotated: the CPU kernel's fixed head sizes (unrolled at compile time);
+    # 96: a run-time size beside them; partial: a fixed number of pairs in a run-time head_dim
+    # (whole vectors of every dtype); 12, 6: the scalar tails (r/2 odd for 6 and 12).
     check_against_reference(device, "bshd", "pos_bs", "fused", rotary, interleaved,
                             across_heads, 0.0, dtype, torch.float32, head_dim=head_dim)
+
+
+@ACROSS
+@pytest.mark.parametrize("head_dim", [128, 96], ids=["fixed_size", "runtime_size"])
+def test_streamed_outputs(device, head_dim, across_heads):
+    """Outputs of 16 MB and more are written around the cache on the CPU (streaming stores,
+    as the rotation's): bf16 q [1, 2048, 32, d] and k [1, 2048, 8, d], every token checked."""
+    seq, hq, hk = 2048, 32, 8
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, seq, hq, head_dim, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    k = torch.randn(1, seq, hk, head_dim, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    cos, sin, pos = build_table("pos_bs", 1, seq, head_dim // 2, generator=g)
+    qw, kw = make_weights(across_heads, 0.0, torch.float32, head_dim, hq, hk)
+    qo, ko = rms_norm_rope_qk(to(device, q), to(device, k), to(device, cos), to(device, sin),
+                              to(device, pos), q_weight=to(device, qw), k_weight=to(device, kw),
+                              across_heads=across_heads)
+    for name, x, w, out, heads in (("q", q, qw, qo, hq), ("k", k, kw, ko, hk)):
+        y, want = ref_norm_rope(x, w, cos, sin, pos, 1e-6, across_heads, 0.0, False)
+        reduced = heads * head_dim if across_heads else head_dim
+        assert_norm_rope_close(out, want, y, head_dim, False, tolerance(torch.bfloat16, reduced),
+                               name)
 
 
 @ACROSS

@@ -225,6 +225,26 @@ def _expected_buffer(base, view, value):
     return expected
 
 
+# head_dim, rotary dim: the CPU kernel's fixed sizes (32, 64, 128 pairs, unrolled at compile
+# time), fully rotated or with a tail; 96 and 192 (48, 96 pairs) are run-time sizes beside them.
+HEAD_SIZES = [(64, 64), (128, 128), (256, 256), (128, 64), (256, 128), (96, 96), (192, 96)]
+
+
+@pytest.mark.parametrize("head_dim,r", HEAD_SIZES, ids=[f"d{d}_r{r}" for d, r in HEAD_SIZES])
+@pytest.mark.parametrize("storage", ["contiguous", "fused"])
+@DTYPES
+@PAIRINGS
+def test_head_sizes_models_use(interleaved, dtype, storage, head_dim, r):
+    s = _sample("bshd", storage, dtype, head_dim=head_dim, heads=3)
+    cos, sin, pos = _table("bshd", "pos_bs", r // 2)
+    out = ops.apply(s.op, cos, sin, pos, interleaved)
+    ref.assert_pairs_close(out, ref.rope(s.op, cos, sin, pos, interleaved), s.op, r, interleaved)
+    expected_base = _expected_buffer(s.base, s.op, out)
+    ops.apply_(s.op, cos, sin, pos, interleaved)
+    assert torch.equal(s.op, out)
+    assert torch.equal(s.base, expected_base), "the in-place op wrote outside x"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("storage", STORAGES)
 @DTYPES

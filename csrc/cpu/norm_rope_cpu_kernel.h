@@ -164,7 +164,7 @@ ROPE_HEAD_INLINE void scale_rotate_head(const RopeProblem& p, const src_t* x, sc
 // serve every head of the tensor): f = [c * w_lo, s * w_hi, s * w_lo, c * w_hi], pairs each,
 // so that a head's rotation of the normalized x takes no multiplication by w.
 template <typename T>
-void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
+ROPE_HEAD_INLINE void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
   using V = Vectorized<T>;
   for (int64_t i = 0; i < pairs; i += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), pairs - i);
@@ -180,7 +180,7 @@ void fold_weights(const T* c, const T* s, const T* w, int64_t pairs, T* f) {
 // A head of the per-head, half-split, unit-stride forward: y = R(x * r * w), with R and w
 // in the folded table f (fold_weights); the pass-through tail times r * w.
 template <bool kStream, typename scalar_t>
-ROPE_HEAD_INLINE void norm_rotate_head_folded(const RopeProblem& p, const scalar_t* x, scalar_t* y,
+ROPE_HEAD_INLINE void norm_rotate_head_folded(const scalar_t* x, scalar_t* y, int64_t pairs,
                                               int64_t head_dim, const opmath_t<scalar_t>* f,
                                               opmath_t<scalar_t> r, const opmath_t<scalar_t>* w) {
   using T = opmath_t<scalar_t>;
@@ -189,7 +189,6 @@ ROPE_HEAD_INLINE void norm_rotate_head_folded(const RopeProblem& p, const scalar
   using Out = Block<scalar_t>;
   using V = typename Out::V;
   const V vr(r);
-  const int64_t pairs = p.pairs;
   for (int64_t i = 0; i < pairs; i += Out::kSize) {
     const int64_t n = std::min(Out::kSize, pairs - i);
     V a0, a1, b0, b1, cwl0, cwl1, swh0, swh1, swl0, swl1, cwh0, cwh1;
@@ -251,7 +250,7 @@ void rotate_into_buffer(const RopeProblem& p, const scalar_t* y, int64_t stride_
 // A hint to bring n elements of x (stride apart) into the cache, a 64-byte line at a time
 // (a strided row: each element's line).
 template <typename scalar_t>
-void prefetch_row(const scalar_t* x, int64_t stride, int64_t n) {
+ROPE_HEAD_INLINE void prefetch_row(const scalar_t* x, int64_t stride, int64_t n) {
   const int64_t step = stride == 1 ? std::max<int64_t>(1, 64 / sizeof(scalar_t)) : 1;
   for (int64_t d = 0; d < n; d += step) __builtin_prefetch(x + d * stride);
 }
@@ -265,6 +264,48 @@ inline int64_t largest_row(const RopeProblem& p) {
 
 // Outputs at least this large are written around the cache (as the rotation's are).
 constexpr int64_t kNormStreamBytes = int64_t{16} << 20;
+
+// The inverse rms of each head of one token's row of q or k (rs[head]; with across_heads
+// one value, repeated), kept in the op's rstd output when it has one.
+template <typename scalar_t, typename Dim>
+ROPE_HEAD_INLINE void token_inverse_rms(const NormRopeProblem& np, const HeadsDesc& h,
+                                        const scalar_t* in, int64_t stride_dim, Dim head_dim,
+                                        int64_t tok, opmath_t<scalar_t>* squares,
+                                        opmath_t<scalar_t>* rs, opmath_t<scalar_t>* rstd_out) {
+  using T = opmath_t<scalar_t>;
+  T squares_total = T(0);
+  for (int64_t head = 0; head < h.heads; ++head) {
+    squares[head] = sum_squares(in + head * h.in_stride_head, stride_dim, head_dim);
+    squares_total += squares[head];
+  }
+  if (np.across_heads) {
+    const T r = inverse_rms(squares_total, h.heads * head_dim, np.eps);
+    std::fill(rs, rs + h.heads, r);
+    if (rstd_out != nullptr) rstd_out[tok] = r;
+  } else {
+    inverse_rms_all(squares, h.heads, head_dim, np.eps, rs);
+    if (rstd_out != nullptr) std::copy(rs, rs + h.heads, rstd_out + tok * h.heads);
+  }
+}
+
+// One token's row of q or k on the common path (a norm per head, half-split pairs, unit
+// strides). `pairs` and `head_dim` are int64_t or, for the head sizes models use, compile-
+// time constants (Size, see with_pairs): then every loop below unrolls into whole vector
+// blocks, with no partial-block tests, masks or loop counters.
+template <bool kStream, typename scalar_t, typename Pairs, typename Dim>
+ROPE_HEAD_INLINE void norm_rope_row_folded(
+    const NormRopeProblem& np, const HeadsDesc& h, const scalar_t* in, scalar_t* out,
+    const scalar_t* next_in, int64_t tok, const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* sn,
+    const opmath_t<scalar_t>* w, Pairs pairs, Dim head_dim, opmath_t<scalar_t>* squares,
+    opmath_t<scalar_t>* rs, opmath_t<scalar_t>* rstd_out, opmath_t<scalar_t>* folded) {
+  token_inverse_rms(np, h, in, Size<1>{}, head_dim, tok, squares, rs, rstd_out);
+  fold_weights(c, sn, w, pairs, folded);
+  for (int64_t head = 0; head < h.heads; ++head) {
+    prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
+    norm_rotate_head_folded<kStream>(in + head * h.in_stride_head, out + head * h.out_stride_head,
+                                     pairs, head_dim, folded, rs[head], w);
+  }
+}
 
 // Tokens [begin, end) of the forward: per token and tensor, the sums of squares (one
 // read), then each head normalized, scaled and rotated into the output (a second read
@@ -288,20 +329,6 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
           static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
       scalar_t* out = static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
       T* rstd_out = static_cast<T*>(nd.rstd);
-      T squares_total = T(0);
-      for (int64_t head = 0; head < h.heads; ++head) {
-        squares[head] = sum_squares(in + head * h.in_stride_head, h.in_stride_dim, D);
-        squares_total += squares[head];
-      }
-      if (np.across_heads) {
-        const T r = inverse_rms(squares_total, h.heads * D, np.eps);
-        std::fill(rs, rs + h.heads, r);
-        if (rstd_out != nullptr) rstd_out[tok] = r;
-      } else {
-        inverse_rms_all(squares, h.heads, D, np.eps, rs);
-        if (rstd_out != nullptr) std::copy(rs, rs + h.heads, rstd_out + tok * h.heads);
-      }
-      const T* w = scale;
       // The next token's rows are fetched while this one's are rotated: the sums of squares
       // would otherwise wait on memory with the arithmetic units idle, and the rotation then
       // run with the memory idle (13-15% of the time of bf16 Qwen3-8B shapes at s=4096).
@@ -309,14 +336,19 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
       const scalar_t* next_in = static_cast<const scalar_t*>(h.in) +
                                 next / p.seq * h.in_stride_batch + next % p.seq * h.in_stride_seq;
       if (!np.across_heads && !p.interleaved && h.in_stride_dim == 1 && h.out_stride_dim == 1) {
-        fold_weights(c, sn, w, p.pairs, folded);
-        for (int64_t head = 0; head < h.heads; ++head) {
-          prefetch_row(next_in + head * h.in_stride_head, 1, D);
-          norm_rotate_head_folded<kStream>(p, in + head * h.in_stride_head,
-                                           out + head * h.out_stride_head, D, folded, rs[head], w);
+        const auto row = [&](auto pairs, auto head_dim) {
+          norm_rope_row_folded<kStream>(np, h, in, out, next_in, tok, c, sn, scale, pairs, head_dim,
+                                        squares, rs, rstd_out, folded);
+        };
+        if (D == 2 * p.pairs) {
+          with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs,
+                                                     [&](auto pairs) { row(pairs, twice(pairs)); });
+        } else {
+          row(p.pairs, D);
         }
         continue;
       }
+      token_inverse_rms(np, h, in, h.in_stride_dim, D, tok, squares, rs, rstd_out);
       for (int64_t head = 0; head < h.heads; ++head) {
         prefetch_row(next_in + head * h.in_stride_head, h.in_stride_dim, D);
         norm_rotate_head<kStream>(p, in + head * h.in_stride_head, h.in_stride_dim,

@@ -224,8 +224,10 @@ struct Block {
   // A store that bypasses the cache (when kStream), for outputs too large to stay
   // in it: a plain store must first read each line it writes, a third memory
   // stream beside x and y. Only whole blocks at vector-aligned addresses stream.
+  // Forced inline: GCC 12 left it out of line in the fused kernel's fp16 instantiation,
+  // and then warned of ATen's fp16 rounding (an intrinsic's placeholder, -Wuninitialized).
   template <bool kStream>
-  static void put(scalar_t* p, int64_t n, const V& lo, const V& hi) {
+  ROPE_HEAD_INLINE static void put(scalar_t* p, int64_t n, const V& lo, const V& hi) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (kStream) {
       if (n == kSize && reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
@@ -377,6 +379,60 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
   return {c_buf, s_buf};
 }
 
+// A size known at compile time, passed where the kernels take an int64_t size: once the
+// per-head functions are inlined, their loops over it unroll into whole vector blocks, with
+// no partial-block tests, masks or loop counters. At run-time sizes those took about as
+// many instructions as the arithmetic (docs/kernels.md, "Fixed head sizes").
+template <int64_t N>
+using Size = std::integral_constant<int64_t, N>;
+
+// The heads of one token's row of q or k at unit strides; pairs an int64_t or a Size.
+template <bool kStream, typename scalar_t, typename Pairs>
+ROPE_HEAD_INLINE void rotate_row_unit(const HeadsDesc& h, bool interleaved, const scalar_t* xin,
+                                      scalar_t* xout, const opmath_t<scalar_t>* c,
+                                      const opmath_t<scalar_t>* sn, Pairs pairs) {
+  const bool copy = h.in != h.out && h.head_dim > 2 * pairs;
+  for (int64_t head = 0; head < h.heads; ++head) {
+    const scalar_t* xi = xin + head * h.in_stride_head;
+    scalar_t* yo = xout + head * h.out_stride_head;
+    if (interleaved) {
+      rotate_head_interleaved<kStream>(xi, yo, c, sn, pairs);
+    } else {
+      rotate_head_half_split<kStream>(xi, yo, c, sn, pairs);
+    }
+    if (copy) copy_tail(xi, 1, yo, 1, 2 * pairs, h.head_dim);
+  }
+}
+
+// Calls f(pairs) with pairs a compile-time constant (Size) where it is one of the sizes
+// models use (head_dim 64, 128, 256 fully rotated; 64 and 128 also half-rotated), else as it
+// is. kSizes = false (float64, float64 tables: checking, not speed) compiles the plain call only.
+template <bool kSizes, typename F>
+ROPE_HEAD_INLINE void with_pairs(int64_t pairs, F&& f) {
+  if constexpr (kSizes) {
+    switch (pairs) {
+      case 32:
+        return f(Size<32>{});
+      case 64:
+        return f(Size<64>{});
+      case 128:
+        return f(Size<128>{});
+    }
+  }
+  f(pairs);
+}
+
+// 2 * n, a compile-time constant where n is one.
+inline int64_t twice(int64_t n) { return 2 * n; }
+template <int64_t N>
+Size<2 * N> twice(Size<N>) {
+  return {};
+}
+
+// Whether a kernel instantiation compiles the fixed head sizes of with_pairs.
+template <typename scalar_t, typename table_t>
+constexpr bool kFixedSizes = !std::is_same_v<scalar_t, double> && !std::is_same_v<table_t, double>;
+
 // Tokens [begin, end): every head of q (and k) of each token, with its table row.
 template <bool kStream, typename scalar_t, typename table_t>
 void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<scalar_t>* c_buf,
@@ -390,19 +446,18 @@ void rope_cpu_tokens(const RopeProblem& p, int64_t begin, int64_t end, opmath_t<
           static_cast<const scalar_t*>(h.in) + b * h.in_stride_batch + s * h.in_stride_seq;
       scalar_t* xout =
           static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+      if (h.in_stride_dim == 1 && h.out_stride_dim == 1) {
+        with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
+          rotate_row_unit<kStream>(h, p.interleaved, xin, xout, c, sn, pairs);
+        });
+        continue;
+      }
       const bool in_place = h.in == h.out;
-      const bool unit = h.in_stride_dim == 1 && h.out_stride_dim == 1;
       for (int64_t head = 0; head < h.heads; ++head) {
         const scalar_t* xi = xin + head * h.in_stride_head;
         scalar_t* yo = xout + head * h.out_stride_head;
-        if (unit && p.interleaved) {
-          rotate_head_interleaved<kStream>(xi, yo, c, sn, p.pairs);
-        } else if (unit) {
-          rotate_head_half_split<kStream>(xi, yo, c, sn, p.pairs);
-        } else {
-          rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs,
-                              p.interleaved);
-        }
+        rotate_head_strided(xi, h.in_stride_dim, yo, h.out_stride_dim, c, sn, p.pairs,
+                            p.interleaved);
         if (!in_place)
           copy_tail(xi, h.in_stride_dim, yo, h.out_stride_dim, 2 * p.pairs, h.head_dim);
       }
