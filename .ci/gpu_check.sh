@@ -3,9 +3,10 @@
 #   make gpu-check (full, at most GPU_CHECK_BUDGET=480 s)   make gpu-check-quick   (3-4 min)
 # full:  build for sm_90a; tests/test_cuda.py and tests/test_norm_rope.py on the GPU;
 #        benchmarks/bench_gpu.py (the peers and the per-call table) and
-#        benchmarks/bench_norm_rope.py (the fused QK-norm); compute-sanitizer memcheck and
-#        racecheck on a reduced set; the launch-threshold sweep; export and AOTInductor on
-#        CUDA. (In that order: if the call runs out of time, the figures are already in $OUT.)
+#        benchmarks/bench_norm_rope.py (the fused QK-norm, then its launch settings);
+#        compute-sanitizer memcheck and racecheck on a reduced set; the launch-threshold
+#        sweep; export and AOTInductor on CUDA. (In that order: if the call runs out of
+#        time, the figures are already in $OUT.)
 # quick: build; tests/test_cuda.py; rope_ext against a device copy (bench_gpu.py --quick).
 # confirm: full without the benchmark table (a second call, after fixes: tests, sanitizer,
 #        sweep, export). Every step's timeout is capped by GPU_CHECK_BUDGET (seconds).
@@ -95,6 +96,10 @@ if [ "$MODE" != confirm ]; then
     # The fused QK-norm rows (Qwen3-8B shapes, bf16, s=4096), into the same log.
     timeout $(cap 100) "$PY" benchmarks/bench_norm_rope.py --device cuda >> "$OUT/bench_gpu.log" 2>&1
     note "bench_norm_rope.py (exit $?): $(grep -E "goal" "$OUT/bench_gpu.log" | tr '\n' ' ')"
+    # The fused kernel under each launch setting (a few seconds): which plan to make default.
+    timeout $(cap 60) "$PY" benchmarks/bench_norm_rope.py --device cuda --sweep \
+      >> "$OUT/bench_gpu.log" 2>&1
+    note "bench_norm_rope.py --sweep (exit $?): in $OUT/bench_gpu.log"
   fi
 fi
 

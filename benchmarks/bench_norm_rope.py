@@ -3,6 +3,8 @@
     python benchmarks/bench_norm_rope.py                  # CPU, bf16, Qwen3-8B shapes, s=4096
     python benchmarks/bench_norm_rope.py --device cuda    # the same on a GPU (gpu-check runs it)
     python benchmarks/bench_norm_rope.py --seq 1024 --no-compile   # quicker
+    python benchmarks/bench_norm_rope.py --device cuda --sweep      # the fused kernel's launch
+                                                                    # settings (gpu-check runs it)
 
 Qwen3-8B attention: q [1, s, 32, 128], k [1, s, 8, 128], per-head norms. Rows, each the
 median of timed calls after warm-up, all measured in this one run:
@@ -107,6 +109,51 @@ def measure(run, q, k, params, backward, now, reps, grads):
     return statistics.median(times)
 
 
+# Launch settings the fused CUDA kernel's planner reads (docs/kernels.md, "Launch
+# thresholds"): threads per block (items of 8 lanes for bf16 head_dim 128, so 256 threads
+# = 32 items), the persistent grid's blocks per SM, the forward's 64-register build, and the
+# scalar path for reference.
+NORM_SWEEP = ["", "block_threads=64", "block_threads=128", "block_threads=512",
+              "block_threads=1024", "max_blocks_per_sm=2", "max_blocks_per_sm=4",
+              "max_blocks_per_sm=16", "max_blocks_per_sm=32",
+              "block_threads=128,max_blocks_per_sm=16", "norm_min_blocks=4",
+              "norm_min_blocks=4,max_blocks_per_sm=16", "vectorize=0"]
+
+
+def sweep(args, dtype, reps, now):
+    """The fused op's forward and forward + backward under each launch setting (CUDA), over
+    rope alone under the defaults, and the largest difference of its outputs from the
+    defaults' (the sums of squares are split among lanes by the plan: a different split may
+    round differently, a wrong result shows as a large difference)."""
+    settings = torch.ops.rope_testing
+    rows, params = build(args.device, dtype, args.seq, True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, args.seq, 32, 128, generator=g).to(args.device, dtype)
+    k = torch.randn(1, args.seq, 8, 128, generator=g).to(args.device, dtype)
+    grads = (torch.randn_like(q), torch.randn_like(k))
+    with torch.no_grad():
+        want = rows["fused"](q, k)
+    rope = measure(rows["rope alone"], q, k, params, False, now, reps, grads)
+    print(f"\nlaunch settings (rope alone {rope * 1e3:.4f} ms):")
+    print("| setting | forward ms | / rope alone | forward + backward ms | max diff |")
+    print("|---|---|---|---|---|")
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    for p in params:
+        p.requires_grad_(True)
+    for spec in NORM_SWEEP:
+        previous = settings.set_cuda_launch(spec)
+        try:
+            with torch.no_grad():
+                got = rows["fused"](q, k)
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+            fwd = measure(rows["fused"], q, k, params, False, now, reps, grads)
+            both = measure(rows["fused"], qg, kg, params, True, now, reps, grads)
+        finally:
+            settings.set_cuda_launch(previous)
+        print(f"| {spec or '(defaults)'} | {fwd * 1e3:.4f} | {fwd / rope:.2f} | {both * 1e3:.4f} "
+              f"| {diff:.3g} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -116,12 +163,18 @@ def main():
                         "on the CPU, 100 on a GPU)")
     parser.add_argument("--no-compile", action="store_true", help="leave out HF compile")
     parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="instead of the table: the fused "
+                        "CUDA kernel under each launch setting (needs --device cuda)")
     args = parser.parse_args()
+    if args.sweep and args.device != "cuda":
+        parser.error("--sweep times the CUDA kernel's launch settings: add --device cuda")
     if args.device == "cpu":
         use_steady_malloc()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     reps = args.reps or (15 if args.device == "cpu" else 100)
     now = timer(args.device)
+    if args.sweep:
+        return sweep(args, dtype, reps, now)
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"CPU, {torch.get_num_threads()} threads, "
                   f"{torch.backends.cpu.get_cpu_capability()}")

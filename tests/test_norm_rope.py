@@ -268,8 +268,9 @@ def test_head_dims(device, dtype, head_dim, rotary, interleaved, across_heads):
 @pytest.mark.parametrize("head_dim", [128, 96], ids=["fixed_size", "runtime_size"])
 def test_streamed_outputs(device, head_dim, across_heads):
     """Outputs of 16 MB and more are written around the cache on the CPU (streaming stores,
-    as the rotation's): bf16 q [1, 2048, 32, d] and k [1, 2048, 8, d], every token checked."""
-    seq, hq, hk = 2048, 32, 8
+    as the rotation's; the kernel counts 2 * tokens * the larger row, here 2 * 704 * 64 * d
+    bf16 elements): bf16 q [1, 704, 64, d] and k [1, 704, 2, d], every token checked."""
+    seq, hq, hk = 704, 64, 2
     g = torch.Generator().manual_seed(7)
     q = torch.randn(1, seq, hq, head_dim, generator=g, dtype=torch.float64).to(torch.bfloat16)
     k = torch.randn(1, seq, hk, head_dim, generator=g, dtype=torch.float64).to(torch.bfloat16)
@@ -591,6 +592,43 @@ def test_lanes_with_several_units(device, launch):
     for name, xv, w, out in (("q", qv, qw, narrow[0]), ("k", kv, kw, narrow[1])):
         y, want = ref_norm_rope(xv, w, cos, sin, pos, 1e-6, False, 0.0, False)
         assert_norm_rope_close(out, want, y, d, False, tolerance(torch.bfloat16, d), name)
+
+
+def test_occupancy_build_of_the_forward(device):
+    """norm_min_blocks=4 runs the forward's vector path in the kernel built for 4 blocks of
+    256 threads per SM (64 registers): the same arithmetic, so the same bits as the default
+    plan; the backward and the scalar path keep the plain kernel."""
+    if device == "cpu":
+        pytest.skip("a launch setting of the CUDA kernel")
+    _, q, k, qv, kv = make_qk("bshd", "contiguous", torch.bfloat16, head_dim=64)
+    cos, sin, pos = build_table("pos_bs", B, S, 32)
+    qw, kw = make_weights(False, 0.0, torch.float32, head_dim=64)
+    args = [to(device, t) for t in (q, k, cos, sin, pos, qw, kw)]
+    grads = [to(device, torch.randn_like(t.float()).to(t.dtype)) for t in (q, k)]
+
+    def run():
+        out = ops.rms_norm_rope_qk(*args, 1e-6, False, 0.0, False)
+        back = ops.rms_norm_rope_qk_backward(*grads, *args, out[2], out[3], False, 0.0, False)
+        return out, back
+
+    def plan():
+        return dict(kv_.split("=") for kv_ in torch.ops.rope_testing.last_host_plan().split(","))
+
+    default = run()
+    previous = torch.ops.rope_testing.set_cuda_launch("norm_min_blocks=4")
+    try:
+        ops.rms_norm_rope_qk(*args, 1e-6, False, 0.0, False)
+        if device == "cuda-host":
+            assert plan()["min_blocks"] == "4", plan()
+        bounded = run()
+        if device == "cuda-host":
+            assert plan()["min_blocks"] == "0", plan()  # the backward's plan, run last
+    finally:
+        torch.ops.rope_testing.set_cuda_launch(previous)
+    for got, want in zip(bounded[0] + bounded[1], default[0] + default[1]):
+        assert torch.equal(got, want)
+    y, want = ref_norm_rope(qv, qw, cos, sin, pos, 1e-6, False, 0.0, False)
+    assert_norm_rope_close(bounded[0][0], want, y, 64, False, tolerance(torch.bfloat16, 64), "q")
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])

@@ -30,6 +30,7 @@ struct NormPlan {
   int vec = 1;              // elements per run (16 bytes' worth, or 1)
   int table_vec = 1;        // elements of cos/sin per access
   bool scale_runs = false;  // the scale read 16 bytes per access (else one element)
+  int min_blocks = 0;       // 4: the forward's vector kernel built for 4 blocks per SM; 0: not
   int64_t items = 0;
   int64_t units = 0;  // runs per head: pair chunks, then pass-through runs
   // The scale-gradient launches (backward): one thread per partial sum, then per sum.
@@ -91,6 +92,11 @@ inline NormPlan plan_norm_launch(const NormRopeProblem& np, const LaunchConfig& 
   const int64_t cap = sms * (cfg.max_blocks_per_sm < 1 ? 1 : cfg.max_blocks_per_sm);
   plan.grid = blocks < cap ? blocks : cap;
   if (plan.grid < 1) plan.grid = 1;
+  // The 64-register build exists for the forward's vector path only.
+  plan.min_blocks = cfg.norm_min_blocks == 4 && !np.backward && plan.vec > 1 &&
+                            plan.block_x * plan.block_y <= kOccupancyThreads
+                        ? 4
+                        : 0;
   if (np.backward) {
     int64_t partials = 0, sums = 0;
     for (int i = 0; i < p.num_x; ++i) {
@@ -497,15 +503,18 @@ inline void butterfly_host(T* v, int lanes) {
   }
 }
 
-// ---- from the problem's dtypes to one instantiation: Runner::run<scalar_t, table_t, N> ----
+// ---- the problem's dtypes to one Runner::run<scalar_t, table_t, N, MinBlocks> ----
 
 template <typename scalar_t, typename Runner>
 void norm_dispatch_table(const NormRopeProblem& np, const NormPlan& plan, Runner& runner) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
   const auto go = [&](auto table_tag) {
     using table_t = decltype(table_tag);
-    if (plan.vec == kVec) return runner.template run<scalar_t, table_t, kVec>(np, plan);
-    return runner.template run<scalar_t, table_t, 1>(np, plan);
+    if (plan.vec == kVec) {
+      if (plan.min_blocks == 4) return runner.template run<scalar_t, table_t, kVec, 4>(np, plan);
+      return runner.template run<scalar_t, table_t, kVec, 0>(np, plan);
+    }
+    return runner.template run<scalar_t, table_t, 1, 0>(np, plan);
   };
   switch (np.rope.table_dtype) {
     case c10::ScalarType::Float:

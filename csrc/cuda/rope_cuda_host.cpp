@@ -174,8 +174,14 @@ void checked_launch(Run&& run, Expect&& expect) {
 // The fused QK-norm kernels, run as norm_rope_cuda_kernel.cuh says: per item, phase 1
 // for every lane, the butterfly, phase 2 for every lane.
 struct NormHostRunner {
-  template <typename scalar_t, typename table_t, int N>
+  // MinBlocks changes only the device build's register budget, not what a thread does.
+  template <typename scalar_t, typename table_t, int N, int MinBlocks>
   void run(const NormRopeProblem& np, const NormPlan& plan) {
+    run_items<scalar_t, table_t, N>(np, plan);
+  }
+
+  template <typename scalar_t, typename table_t, int N>
+  void run_items(const NormRopeProblem& np, const NormPlan& plan) {
     using T = opmath_t<scalar_t>;
     using A = CheckedHostAccess;
     const RopeProblem& p = np.rope;
@@ -266,12 +272,13 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                  : key == "vectorize"          ? &cfg.vectorize
                  : key == "max_heads_per_item" ? &cfg.max_heads_per_item
                  : key == "min_blocks"         ? &cfg.min_blocks
+                 : key == "norm_min_blocks"    ? &cfg.norm_min_blocks
                                                : nullptr;
     if (field == nullptr || eq == std::string::npos) {
       return "unknown setting '" + item +
              "'; the settings are block_threads, max_blocks_per_sm, "
              "fill_blocks_per_sm, heads_per_item, max_heads_per_item, index_bits, sm_count, "
-             "vectorize, min_blocks (key=value)";
+             "vectorize, min_blocks, norm_min_blocks (key=value)";
     }
     const std::string value = item.substr(eq + 1);
     char* end = nullptr;
@@ -279,11 +286,12 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
     const bool ok = !value.empty() && *end == '\0' && v >= 0 && v <= 1024 &&
                     (key != "block_threads" || v >= 1) &&
                     (key != "index_bits" || v == 0 || v == 32 || v == 64) &&
-                    (key != "min_blocks" || v == 0 || v == 4);
+                    (key != "min_blocks" || v == 0 || v == 4) &&
+                    (key != "norm_min_blocks" || v == 0 || v == 4);
     if (!ok) {
       return "bad value '" + value + "' for " + key +
-             " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64; min_blocks 0 "
-             "or 4)";
+             " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64; min_blocks "
+             "and norm_min_blocks 0 or 4)";
     }
     *field = static_cast<int>(v);
   }
@@ -355,7 +363,8 @@ void norm_rope_cuda_host(const NormRopeProblem& np) {
                {"table_vec", plan.table_vec},
                {"scale_runs", plan.scale_runs ? 1 : 0},
                {"items", plan.items},
-               {"units", plan.units}});
+               {"units", plan.units},
+               {"min_blocks", plan.min_blocks}});
 }
 
 std::string last_host_plan() {
