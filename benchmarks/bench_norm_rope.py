@@ -14,9 +14,12 @@ median of timed calls after warm-up, all measured in this one run:
   HF eager        Qwen3RMSNorm, then transformers' apply_rotary_pos_emb (what the model runs)
   HF compile      the same under torch.compile
   copy            q.clone() and k.clone(): the memory-bandwidth floor
-Ratios: fused / rope alone (goal <= 1.15), and each other row's time over fused's (higher
-is better for the fused op; goal >= 1.8 for norm-then-rope). Forward under no_grad, and
-forward + backward (gradients of q, k and both norm weights).
+The rows are timed in turns (each round calls every row once), and a ratio is the median
+over rounds of the two rows' times in the same round: a shared machine's speed drifts
+between rows timed one after the other. Ratios: fused / rope alone (goal <= 1.15), and each
+other row's time over fused's (higher is better for the fused op; goal >= 1.8 for
+norm-then-rope). Forward under no_grad, and forward + backward (gradients of q, k and both
+norm weights).
 """
 
 import argparse
@@ -87,8 +90,11 @@ def timer(device):
     return time.perf_counter
 
 
-def measure(run, q, k, params, backward, now, reps, grads):
-    def call():
+def time_in_turns(runs, q, k, params, backward, now, reps, grads):
+    """{name: [seconds per call]}: after 3 warm-up calls each, `reps` rounds in which every
+    row is called once, in turns, so that a machine getting slower or faster (a shared
+    machine does, by up to 2x within minutes) moves all rows of a round alike."""
+    def call(run):
         if not backward:
             with torch.no_grad():
                 run(q, k)
@@ -99,14 +105,21 @@ def measure(run, q, k, params, backward, now, reps, grads):
         for p in params:
             p.grad = None
 
-    for _ in range(3):
-        call()
-    times = []
+    for run in runs.values():
+        for _ in range(3):
+            call(run)
+    times = {name: [] for name in runs}
     for _ in range(reps):
-        t0 = now()
-        call()
-        times.append(now() - t0)
-    return statistics.median(times)
+        for name, run in runs.items():
+            t0 = now()
+            call(run)
+            times[name].append(now() - t0)
+    return times
+
+
+def round_ratio(times, a, b):
+    """The median over rounds of a's time over b's in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 # Launch settings the fused CUDA kernel's planner reads (docs/kernels.md, "Launch
@@ -133,7 +146,8 @@ def sweep(args, dtype, reps, now):
     grads = (torch.randn_like(q), torch.randn_like(k))
     with torch.no_grad():
         want = rows["fused"](q, k)
-    rope = measure(rows["rope alone"], q, k, params, False, now, reps, grads)
+    rope = statistics.median(
+        time_in_turns({"rope": rows["rope alone"]}, q, k, params, False, now, reps, grads)["rope"])
     print(f"\nlaunch settings (rope alone {rope * 1e3:.4f} ms):")
     print("| setting | forward ms | / rope alone | forward + backward ms | max diff |")
     print("|---|---|---|---|---|")
@@ -146,8 +160,11 @@ def sweep(args, dtype, reps, now):
             with torch.no_grad():
                 got = rows["fused"](q, k)
             diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
-            fwd = measure(rows["fused"], q, k, params, False, now, reps, grads)
-            both = measure(rows["fused"], qg, kg, params, True, now, reps, grads)
+            fused = {"fused": rows["fused"]}
+            fwd = statistics.median(
+                time_in_turns(fused, q, k, params, False, now, reps, grads)["fused"])
+            both = statistics.median(
+                time_in_turns(fused, qg, kg, params, True, now, reps, grads)["fused"])
         finally:
             settings.set_cuda_launch(previous)
         print(f"| {spec or '(defaults)'} | {fwd * 1e3:.4f} | {fwd / rope:.2f} | {both * 1e3:.4f} "
@@ -194,18 +211,17 @@ def main():
         for p in params:
             p.requires_grad_(backward)
         mode = "forward + backward" if backward else "forward"
-        times = {}
-        for name, run in rows.items():
-            if backward and name == "copy":
-                continue
-            times[name] = measure(run, q, k, params, backward, now, reps, grads)
-        fused = times["fused"]
-        print(f"\n{mode}:")
+        if backward:
+            rows.pop("copy")
+        rounds = time_in_turns(rows, q, k, params, backward, now, reps, grads)
+        times = {name: statistics.median(t) for name, t in rounds.items()}
+        print(f"\n{mode} (medians of {reps} rounds; x fused: the median of the rounds' ratios):")
         print(f"  {'':16s} {'ms':>9s} {'x fused':>9s}")
         for name, t in times.items():
-            print(f"  {name:16s} {t * 1e3:9.3f} {t / fused:9.2f}")
-        print(f"  fused / rope alone = {fused / times['rope alone']:.2f} (goal <= 1.15); "
-              f"norm-then-rope / fused = {times['norm-then-rope'] / fused:.2f} (goal >= 1.8)")
+            print(f"  {name:16s} {t * 1e3:9.3f} {round_ratio(rounds, name, 'fused'):9.2f}")
+        print(f"  fused / rope alone = {round_ratio(rounds, 'fused', 'rope alone'):.2f} "
+              f"(goal <= 1.15); norm-then-rope / fused = "
+              f"{round_ratio(rounds, 'norm-then-rope', 'fused'):.2f} (goal >= 1.8)")
         results[mode] = {name: t * 1e3 for name, t in times.items()}
     if args.out:
         with open(args.out, "w") as f:
