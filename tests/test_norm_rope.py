@@ -391,13 +391,14 @@ def test_equals_apply_rope_qk_of_the_normalized_input(device, dtype, layout, for
 
 
 def _grad_inputs(device, dtype, across_heads, weight_offset, layout="bshd", hq=2, hk=1,
-                 head_dim=6, batch=1, seq=3):
-    """Small leaves for gradcheck: q, k (layout), weights, table (r = 4 of head_dim 6)."""
+                 head_dim=6, batch=1, seq=3, pairs=2):
+    """Small leaves for gradcheck: q, k (layout), weights, table (r = 2 * pairs: 4 of
+    head_dim 6)."""
     _, q, k, _, _ = make_qk(layout, "fused", dtype, head_dim, hq, hk, batch, seq, tokens=seq)
     qw, kw = make_weights(across_heads, weight_offset, dtype, head_dim, hq, hk)
     form = "pos_s" if layout == "thd" else "pos_bs"
     table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    cos, sin, pos = build_table(form, None if layout == "thd" else batch, seq, 2, table_dtype)
+    cos, sin, pos = build_table(form, None if layout == "thd" else batch, seq, pairs, table_dtype)
     leaves = [to(device, t).detach().requires_grad_() for t in (q, k, qw, kw)]
     return leaves, [to(device, t) for t in (cos, sin, pos)]
 
@@ -423,9 +424,26 @@ def test_gradcheck_and_gradgradcheck(device, layout, interleaved, across_heads, 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dname)
 def test_gradients_match_aten_composition(device, dtype, layout, interleaved, across_heads):
-    weight_offset = 1.0 if interleaved else 0.0
+    check_gradients(device, dtype, layout, interleaved, across_heads,
+                    1.0 if interleaved else 0.0, head_dim=16, pairs=2)
+
+
+@PAIRINGS
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dname)
+def test_gradients_at_head_sizes_models_use(device, dtype, head_dim, interleaved):
+    """Fully rotated heads of 64, 128, 256 with a norm per head: the CPU backward's fixed-size
+    path (half-split pairs; interleaved ones take the general path)."""
+    check_gradients(device, dtype, "bshd", interleaved, False, 0.0, head_dim=head_dim,
+                    pairs=head_dim // 2)
+
+
+def check_gradients(device, dtype, layout, interleaved, across_heads, weight_offset, head_dim,
+                    pairs):
+    """The op's gradients of q, k and both weights against the float64 ATen composition's."""
     leaves, (cos, sin, pos) = _grad_inputs(device, dtype, across_heads, weight_offset, layout,
-                                           hq=4, hk=2, head_dim=16, batch=2, seq=5)
+                                           hq=4, hk=2, head_dim=head_dim, batch=2, seq=5,
+                                           pairs=pairs)
     q, k, qw, kw = leaves
     gq = torch.randn(q.shape, dtype=torch.float64).to(dtype).to(q.device)
     gk = torch.randn(k.shape, dtype=torch.float64).to(dtype).to(q.device)
@@ -445,7 +463,8 @@ def test_gradients_match_aten_composition(device, dtype, layout, interleaved, ac
     torch.autograd.backward(outs, [gq.double().cpu(), gk.double().cpu()])
     # Relative to the largest gradient element: float32 math with sums over tokens, then one
     # rounding to the leaf's dtype.
-    tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7}[dtype]
+    tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2.0 ** -7,
+           torch.float16: 2.0 ** -10}[dtype]
     for name, g, want in zip(("q", "k", "q_weight", "k_weight"), got, ref_leaves):
         assert g.dtype == dtype and g.shape == want.shape, (name, g.dtype, g.shape)
         want = want.grad
