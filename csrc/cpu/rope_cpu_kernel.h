@@ -58,7 +58,8 @@ using BF16Register = __m256i;  // 16 bf16
 // A bf16 is the upper half of its float32. Each 128-bit lane of a broadcast load is
 // shuffled so its bf16 land in the upper halves (a mask byte with its high bit set
 // writes zero): one operation per 8 elements.
-inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFloat16* p) {
+ROPE_HEAD_INLINE std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(
+    const c10::BFloat16* p) {
   const __m256i to_upper =
       _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
                        -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
@@ -76,7 +77,7 @@ inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFl
 // and avg_epu16 computes that 17-bit sum halved. 12 operations instead of 18. ATen turns
 // every NaN into 0xffff, which this sum would not: a block holding a NaN returns false
 // and takes ATen's conversion (one comparison finds one in either vector).
-inline bool narrow_bf16(__m256 lo, __m256 hi, __m256i& rounded) {
+ROPE_HEAD_INLINE bool narrow_bf16(__m256 lo, __m256 hi, __m256i& rounded) {
   if (_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0) return false;
   // Per 128-bit lane: the upper halves of its 4 floats, then their lower halves.
   const __m256i split = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13,  //
@@ -101,7 +102,8 @@ using BF16Register = __m512i;  // 32 bf16
 // 32 bf16 widened to float32 (lo: elements 0-15, hi: 16-31): a 16-bit permutation puts
 // each bf16 in the upper half of its 32-bit lane and zeroes the lower halves (mask),
 // one operation per 16 elements where ATen's takes an extract, a zero-extension and a shift.
-inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFloat16* p) {
+ROPE_HEAD_INLINE std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(
+    const c10::BFloat16* p) {
   const __m512i v = _mm512_loadu_si512(p);
   const __mmask32 upper_halves = 0xAAAAAAAA;
   const __m512i lo_index = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7,
@@ -114,7 +116,7 @@ inline std::pair<Vectorized<float>, Vectorized<float>> widen_bf16(const c10::BFl
 // The same rounding as AVX2's narrow_bf16 on 32 floats (lo: elements 0-15, hi: 16-31), for
 // the AVX-512 variant and the AVX-512-BF16 variant's blocks with a zero result (Block::narrow):
 // 10 operations where ATen's AVX-512 conversion takes 16.
-inline bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
+ROPE_HEAD_INLINE bool narrow_bf16(__m512 lo, __m512 hi, __m512i& rounded) {
   if (_mm512_cmp_ps_mask(lo, hi, _CMP_UNORD_Q) != 0) return false;
   const __m512i split =
       _mm512_broadcast_i32x4(_mm_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13));
@@ -165,8 +167,13 @@ struct Block {
   static constexpr int64_t W = V::size();
   static constexpr int64_t kSize = 2 * W;
 
+  // load, narrow and store are forced inline, as put is below: left to itself, GCC called
+  // narrow out of line from the AVX2 kernel's unrolled fixed-size loops (the bf16 rotation
+  // of Llama-3-8B q/k at s = 4096, 2 threads: 3.26-3.40 ms, against 2.61-3.06 before the
+  // fixed sizes and 2.14-2.65 with narrow inlined; docs/kernels.md).
+
   // Loads n <= kSize elements; lanes past n are zero.
-  static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
+  ROPE_HEAD_INLINE static void load(const scalar_t* p, int64_t n, V& lo, V& hi) {
     if constexpr (kReduced<scalar_t>) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -185,7 +192,7 @@ struct Block {
   }
 
   // Two float vectors rounded (to nearest even) into one of bf16/fp16.
-  static Vectorized<scalar_t> narrow(const V& lo, const V& hi) {
+  ROPE_HEAD_INLINE static Vectorized<scalar_t> narrow(const V& lo, const V& hi) {
 #if defined(ROPE_NATIVE_BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction where ATen's portable rounding takes a dozen: with two cores
@@ -212,7 +219,7 @@ struct Block {
     return at::vec::convert_from_float<scalar_t>(lo, hi);
   }
 
-  static void store(scalar_t* p, int64_t n, const V& lo, const V& hi) {
+  ROPE_HEAD_INLINE static void store(scalar_t* p, int64_t n, const V& lo, const V& hi) {
     if constexpr (kReduced<scalar_t>) {
       narrow(lo, hi).store(p, static_cast<int>(n));
     } else {
