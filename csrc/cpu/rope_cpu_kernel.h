@@ -388,8 +388,8 @@ std::pair<const opmath_t<scalar_t>*, const opmath_t<scalar_t>*> table_row(
 
 // A size known at compile time, passed where the kernels take an int64_t size: once the
 // per-head functions are inlined, their loops over it unroll into whole vector blocks, with
-// no partial-block tests, masks or loop counters. At run-time sizes those took about as
-// many instructions as the arithmetic (docs/kernels.md, "Fixed head sizes").
+// no partial-block tests, masks or loop counters. At run-time sizes those took more
+// instructions than the arithmetic (docs/kernels.md, "Fixed head sizes").
 template <int64_t N>
 using Size = std::integral_constant<int64_t, N>;
 
