@@ -111,10 +111,10 @@ void inverse_rms_all(const T* squares, int64_t n, int64_t count, double eps, T* 
 // (unit stride); x[r:] stored scaled but unrotated. The scaling rides on the rotation's
 // loads, and the stores bypass the cache when kStream (as the rotation's do).
 template <bool kStream, typename src_t, typename scalar_t>
-ROPE_HEAD_INLINE void scale_rotate_head(const RopeProblem& p, const src_t* x, scalar_t* y,
-                                        int64_t head_dim, const opmath_t<scalar_t>* c,
-                                        const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
-                                        const opmath_t<scalar_t>* w) {
+ROPE_HEAD_INLINE void scale_rotate_head(bool interleaved, const src_t* x, scalar_t* y,
+                                        int64_t pairs, int64_t head_dim,
+                                        const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
+                                        opmath_t<scalar_t> r, const opmath_t<scalar_t>* w) {
   using T = opmath_t<scalar_t>;
   using In = Block<src_t>;
   using Weights = Block<T>;
@@ -129,8 +129,8 @@ ROPE_HEAD_INLINE void scale_rotate_head(const RopeProblem& p, const src_t* x, sc
     lo = lo * vr * w_lo;
     hi = hi * vr * w_hi;
   };
-  const int64_t pairs = p.pairs, rot = 2 * pairs;
-  if (p.interleaved) {
+  const int64_t rot = 2 * pairs;
+  if (interleaved) {
     for (int64_t e = 0; e < rot; e += Out::kSize) {
       const int64_t n = std::min(Out::kSize, rot - e);
       V lo, hi;
@@ -222,9 +222,11 @@ void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_stride,
                       const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
                       const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
   if (x_stride == 1 && y_stride == 1)
-    return scale_rotate_head<kStream>(p, x, y, head_dim, c, s, r, w);
+    return scale_rotate_head<kStream>(p.interleaved, x, y, p.pairs, head_dim, c, s, r, w);
   convert_row(x, x_stride, scratch, 1, head_dim);
-  if (y_stride == 1) return scale_rotate_head<false>(p, scratch, y, head_dim, c, s, r, w);
+  if (y_stride == 1) {
+    return scale_rotate_head<false>(p.interleaved, scratch, y, p.pairs, head_dim, c, s, r, w);
+  }
   scale_row(scratch, scratch, r, w, head_dim);
   rotate_head_strided(scratch, 1, y, y_stride, c, s, p.pairs, p.interleaved);
   convert_row(scratch + 2 * p.pairs, 1, y + 2 * p.pairs * y_stride, y_stride,
@@ -346,6 +348,22 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
         } else {
           row(p.pairs, D);
         }
+        continue;
+      }
+      if (h.in_stride_dim == 1 && h.out_stride_dim == 1 && D == 2 * p.pairs) {
+        // A norm across heads (OLMo 2) or interleaved pairs, at unit strides: the weights
+        // differ per head (or the pairs interleave), so they are applied on the loads, at
+        // the fixed head sizes where the head_dim is one.
+        with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
+          const auto head_dim = twice(pairs);
+          token_inverse_rms(np, h, in, Size<1>{}, head_dim, tok, squares, rs, rstd_out);
+          for (int64_t head = 0; head < h.heads; ++head) {
+            prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
+            scale_rotate_head<kStream>(p.interleaved, in + head * h.in_stride_head,
+                                       out + head * h.out_stride_head, pairs, head_dim, c, sn,
+                                       rs[head], scale + (np.across_heads ? head * D : 0));
+          }
+        });
         continue;
       }
       token_inverse_rms(np, h, in, h.in_stride_dim, D, tok, squares, rs, rstd_out);
