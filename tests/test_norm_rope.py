@@ -428,13 +428,14 @@ def test_gradients_match_aten_composition(device, dtype, layout, interleaved, ac
                     1.0 if interleaved else 0.0, head_dim=16, pairs=2)
 
 
+@ACROSS
 @PAIRINGS
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dname)
-def test_gradients_at_head_sizes_models_use(device, dtype, head_dim, interleaved):
-    """Fully rotated heads of 64, 128, 256 with a norm per head: the CPU backward's fixed-size
-    path (half-split pairs; interleaved ones take the general path)."""
-    check_gradients(device, dtype, "bshd", interleaved, False, 0.0, head_dim=head_dim,
+def test_gradients_at_head_sizes_models_use(device, dtype, head_dim, interleaved, across_heads):
+    """Fully rotated heads of 64, 128, 256: the CPU backward's fixed-size path (half-split
+    pairs, a norm per head or across heads; interleaved ones take the general path)."""
+    check_gradients(device, dtype, "bshd", interleaved, across_heads, 0.0, head_dim=head_dim,
                     pairs=head_dim // 2)
 
 

@@ -409,66 +409,120 @@ void norm_rope_forward(const NormRopeProblem& np) {
   });
 }
 
-// The backward of one token's row of q or k on the common path (a norm per head, half-split
-// pairs, unit strides, head_dim = 2 * kPairs, one of the fixed sizes): head by head, with
-// the head's u = R^T grad and n = x * rstd held in vectors, where the general path below
-// goes through row buffers (two of 16 KB for bf16 Qwen3 q: all of L1) and loops of run-time
-// length. The same operations in the same order (the last bit may differ where the compiler
-// contracts other products into fused multiply-adds).
-template <typename scalar_t, int64_t kPairs>
+// A head of the fixed-size backward (norm_rope_backward_row_fixed): u = R^T grad (sin is
+// negated in the table), as rotate_head_half_split computes it, and n = x * r.
+template <typename scalar_t, int64_t kPairs, int64_t kVecs>
+ROPE_HEAD_INLINE void backward_head_un(const scalar_t* g, const scalar_t* xh,
+                                       const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* sn,
+                                       opmath_t<scalar_t> r,
+                                       typename Block<scalar_t>::V (&u)[kVecs],
+                                       typename Block<scalar_t>::V (&n)[kVecs]) {
+  using In = Block<scalar_t>;
+  using V = typename In::V;
+  constexpr int64_t W = In::W, kSize = In::kSize;
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < kPairs; i += kSize) {
+    V a0, a1, b0, b1;
+    In::load(g + i, kSize, a0, a1);
+    In::load(g + kPairs + i, kSize, b0, b1);
+    rotate_pair(a0, b0, V::loadu(c + i), V::loadu(sn + i));
+    rotate_pair(a1, b1, V::loadu(c + i + W), V::loadu(sn + i + W));
+    u[i / W] = a0;
+    u[i / W + 1] = a1;
+    u[(kPairs + i) / W] = b0;
+    u[(kPairs + i) / W + 1] = b1;
+  }
+  const V vr(r);
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kVecs; j += 2) {
+    In::load(xh + j * W, kSize, n[j], n[j + 1]);
+    n[j] = n[j] * vr;
+    n[j + 1] = n[j + 1] * vr;
+  }
+}
+
+// The scale's gradient (acc) += u * n; returns the head's sum of dn * n, dn = u * w.
+template <typename scalar_t, int64_t kVecs>
+ROPE_HEAD_INLINE opmath_t<scalar_t> backward_head_sums(
+    const typename Block<scalar_t>::V (&u)[kVecs], const typename Block<scalar_t>::V (&n)[kVecs],
+    const opmath_t<scalar_t>* w, opmath_t<scalar_t>* acc) {
+  using T = opmath_t<scalar_t>;
+  using V = typename Block<scalar_t>::V;
+  constexpr int64_t W = Block<scalar_t>::W;
+  V dots(T(0));
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kVecs; ++j) {
+    const V dn = u[j] * V::loadu(w + j * W);
+    (V::loadu(acc + j * W) + u[j] * n[j]).store(acc + j * W);
+    dots = dots + dn * n[j];
+  }
+  return at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, dots);
+}
+
+// grad_x = r * (u * w - n * mean), stored.
+template <typename scalar_t, int64_t kVecs>
+ROPE_HEAD_INLINE void backward_head_store(const typename Block<scalar_t>::V (&u)[kVecs],
+                                          const typename Block<scalar_t>::V (&n)[kVecs],
+                                          const opmath_t<scalar_t>* w, opmath_t<scalar_t> r,
+                                          opmath_t<scalar_t> mean, scalar_t* y) {
+  using In = Block<scalar_t>;
+  using V = typename In::V;
+  constexpr int64_t W = In::W;
+  const V vr(r), vmean(mean);
+#pragma GCC unroll 8
+  for (int64_t j = 0; j < kVecs; j += 2) {
+    const V g0 = vr * (u[j] * V::loadu(w + j * W) - n[j] * vmean);
+    const V g1 = vr * (u[j + 1] * V::loadu(w + (j + 1) * W) - n[j + 1] * vmean);
+    In::store(y + j * W, In::kSize, g0, g1);
+  }
+}
+
+// The backward of one token's row of q or k on the common path (half-split pairs, unit
+// strides, head_dim = 2 * kPairs, one of the fixed sizes): head by head, with the head's
+// u = R^T grad and n = x * rstd held in vectors, where the general path below goes through
+// row buffers (two of 16 KB for bf16 Qwen3 q: together all of L1) and loops of run-time
+// length. A norm per head finishes each head at once; a norm across heads (kAcross, OLMo 2)
+// needs every head's sum of dn * n first, so its heads are formed twice (the second time
+// from the rows, now in L1) rather than stored. The same operations in the same order as
+// the general path (the last bit may differ where the compiler contracts other products
+// into fused multiply-adds). rstd: the row's (one per head, or one); scale, acc: the
+// weights and the group's partial sums of the scale's gradient ([head_dim], or
+// [heads * head_dim] across heads).
+template <bool kAcross, typename scalar_t, int64_t kPairs>
 ROPE_HEAD_INLINE void norm_rope_backward_row_fixed(
     const HeadsDesc& h, const NormDesc& nd, const scalar_t* grad, const scalar_t* x, scalar_t* out,
     const scalar_t* next_grad, const scalar_t* next_x, const opmath_t<scalar_t>* c,
-    const opmath_t<scalar_t>* sn, const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* rstd,
+    const opmath_t<scalar_t>* sn, const opmath_t<scalar_t>* scale, const opmath_t<scalar_t>* rstd,
     opmath_t<scalar_t>* acc) {
   using T = opmath_t<scalar_t>;
-  using In = Block<scalar_t>;
-  using V = typename In::V;
-  constexpr int64_t W = In::W, kSize = In::kSize, kD = 2 * kPairs, kVecs = kD / W;
-  static_assert(kPairs % kSize == 0, "whole blocks");
+  using V = typename Block<scalar_t>::V;
+  constexpr int64_t kD = 2 * kPairs, kVecs = kD / Block<scalar_t>::W;
+  static_assert(kPairs % Block<scalar_t>::kSize == 0, "whole blocks");
+  T dot_all = T(0);
   for (int64_t head = 0; head < h.heads; ++head) {
     prefetch_row(next_grad + head * h.in_stride_head, Size<1>{}, Size<kD>{});
     prefetch_row(next_x + head * nd.x_stride_head, Size<1>{}, Size<kD>{});
-    const scalar_t* g = grad + head * h.in_stride_head;
-    const scalar_t* xh = x + head * nd.x_stride_head;
+    const T r = kAcross ? rstd[0] : rstd[head];
+    const int64_t w0 = kAcross ? head * kD : 0;
     V u[kVecs], n[kVecs];
-    // u = R^T grad (sin is negated in the table), as rotate_head_half_split computes it.
-#pragma GCC unroll 8
-    for (int64_t i = 0; i < kPairs; i += kSize) {
-      V a0, a1, b0, b1;
-      In::load(g + i, kSize, a0, a1);
-      In::load(g + kPairs + i, kSize, b0, b1);
-      rotate_pair(a0, b0, V::loadu(c + i), V::loadu(sn + i));
-      rotate_pair(a1, b1, V::loadu(c + i + W), V::loadu(sn + i + W));
-      u[i / W] = a0;
-      u[i / W + 1] = a1;
-      u[(kPairs + i) / W] = b0;
-      u[(kPairs + i) / W + 1] = b1;
+    backward_head_un<scalar_t, kPairs>(grad + head * h.in_stride_head, x + head * nd.x_stride_head,
+                                       c, sn, r, u, n);
+    const T dots = backward_head_sums<scalar_t>(u, n, scale + w0, acc + w0);
+    if constexpr (kAcross) {
+      dot_all += dots;
+    } else {
+      backward_head_store<scalar_t>(u, n, scale, r, dots / static_cast<T>(kD),
+                                    out + head * h.out_stride_head);
     }
-    const V r(rstd[head]);
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < kVecs; j += 2) {
-      In::load(xh + j * W, kSize, n[j], n[j + 1]);
-      n[j] = n[j] * r;
-      n[j + 1] = n[j + 1] * r;
-    }
-    // The scale's gradient += u * n; the head's sum of dn * n, dn = u * scale.
-    V dots(T(0));
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < kVecs; ++j) {
-      const V dn = u[j] * V::loadu(w + j * W);
-      (V::loadu(acc + j * W) + u[j] * n[j]).store(acc + j * W);
-      dots = dots + dn * n[j];
-    }
-    const T mean = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, dots) /
-                   static_cast<T>(kD);
-    const V vmean(mean);
-    scalar_t* y = out + head * h.out_stride_head;
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < kVecs; j += 2) {
-      const V g0 = r * (u[j] * V::loadu(w + j * W) - n[j] * vmean);
-      const V g1 = r * (u[j + 1] * V::loadu(w + (j + 1) * W) - n[j + 1] * vmean);
-      In::store(y + j * W, kSize, g0, g1);
+  }
+  if constexpr (kAcross) {
+    const T mean = dot_all / static_cast<T>(h.heads * kD);
+    for (int64_t head = 0; head < h.heads; ++head) {
+      V u[kVecs], n[kVecs];
+      backward_head_un<scalar_t, kPairs>(grad + head * h.in_stride_head,
+                                         x + head * nd.x_stride_head, c, sn, rstd[0], u, n);
+      backward_head_store<scalar_t>(u, n, scale + head * kD, rstd[0], mean,
+                                    out + head * h.out_stride_head);
     }
   }
 }
@@ -512,18 +566,25 @@ void norm_rope_backward(const NormRopeProblem& np) {
           const scalar_t* next_x =
               static_cast<const scalar_t*>(nd.x) + nb * nd.x_stride_batch + ns * nd.x_stride_seq;
           bool fixed = false;
-          if (!np.across_heads && !p.interleaved && D == 2 * p.pairs && h.in_stride_dim == 1 &&
-              h.out_stride_dim == 1 && nd.x_stride_dim == 1) {
+          if (!p.interleaved && D == 2 * p.pairs && h.in_stride_dim == 1 && h.out_stride_dim == 1 &&
+              nd.x_stride_dim == 1) {
             with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
               using Pairs = decltype(pairs);
               if constexpr (!std::is_same_v<Pairs, int64_t>) {
                 if constexpr (Pairs::value % Block<scalar_t>::kSize == 0) {
-                  norm_rope_backward_row_fixed<scalar_t, Pairs::value>(
-                      h, nd, grad,
-                      static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch +
-                          s * nd.x_stride_seq,
-                      static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq,
-                      next_grad, next_x, c, sn, scale, rstd + tok * h.heads, partial[i]);
+                  const scalar_t* x = static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch +
+                                      s * nd.x_stride_seq;
+                  scalar_t* out =
+                      static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+                  if (np.across_heads) {
+                    norm_rope_backward_row_fixed<true, scalar_t, Pairs::value>(
+                        h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok,
+                        partial[i]);
+                  } else {
+                    norm_rope_backward_row_fixed<false, scalar_t, Pairs::value>(
+                        h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok * h.heads,
+                        partial[i]);
+                  }
                   fixed = true;
                 }
               }
