@@ -214,15 +214,14 @@ ROPE_HEAD_INLINE void norm_rotate_head_folded(const scalar_t* x, scalar_t* y, in
   }
 }
 
-// One head of the forward: x (any stride) normalized by r, scaled by w, rotated into y.
-// At unit strides straight from x; otherwise through `scratch` (head_dim, math type).
+// One head of the forward at other than unit strides (unit strides take scale_rotate_head
+// straight from x): x normalized by r, scaled by w, rotated into y, through `scratch`
+// (head_dim, math type).
 template <bool kStream, typename scalar_t>
 void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_stride, scalar_t* y,
                       int64_t y_stride, int64_t head_dim, const opmath_t<scalar_t>* c,
                       const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
                       const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
-  if (x_stride == 1 && y_stride == 1)
-    return scale_rotate_head<kStream>(p.interleaved, x, y, p.pairs, head_dim, c, s, r, w);
   convert_row(x, x_stride, scratch, 1, head_dim);
   if (y_stride == 1) {
     return scale_rotate_head<false>(p.interleaved, scratch, y, p.pairs, head_dim, c, s, r, w);
@@ -338,24 +337,16 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
       const scalar_t* next_in = static_cast<const scalar_t*>(h.in) +
                                 next / p.seq * h.in_stride_batch + next % p.seq * h.in_stride_seq;
       if (!np.across_heads && !p.interleaved && h.in_stride_dim == 1 && h.out_stride_dim == 1) {
-        const auto row = [&](auto pairs, auto head_dim) {
+        with_head_sizes<kFixedSizes<scalar_t, table_t>>(p.pairs, D, [&](auto pairs, auto head_dim) {
           norm_rope_row_folded<kStream>(np, h, in, out, next_in, tok, c, sn, scale, pairs, head_dim,
                                         squares, rs, rstd_out, folded);
-        };
-        if (D == 2 * p.pairs) {
-          with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs,
-                                                     [&](auto pairs) { row(pairs, twice(pairs)); });
-        } else {
-          row(p.pairs, D);
-        }
+        });
         continue;
       }
-      if (h.in_stride_dim == 1 && h.out_stride_dim == 1 && D == 2 * p.pairs) {
+      if (h.in_stride_dim == 1 && h.out_stride_dim == 1) {
         // A norm across heads (OLMo 2) or interleaved pairs, at unit strides: the weights
-        // differ per head (or the pairs interleave), so they are applied on the loads, at
-        // the fixed head sizes where the head_dim is one.
-        with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
-          const auto head_dim = twice(pairs);
+        // differ per head (or the pairs interleave), so they are applied on the loads.
+        with_head_sizes<kFixedSizes<scalar_t, table_t>>(p.pairs, D, [&](auto pairs, auto head_dim) {
           token_inverse_rms(np, h, in, Size<1>{}, head_dim, tok, squares, rs, rstd_out);
           for (int64_t head = 0; head < h.heads; ++head) {
             prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
@@ -366,6 +357,7 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
         });
         continue;
       }
+      // Other strides, through the scratch row.
       token_inverse_rms(np, h, in, h.in_stride_dim, D, tok, squares, rs, rstd_out);
       for (int64_t head = 0; head < h.heads; ++head) {
         prefetch_row(next_in + head * h.in_stride_head, h.in_stride_dim, D);
@@ -565,28 +557,25 @@ void norm_rope_backward(const NormRopeProblem& np) {
               static_cast<const scalar_t*>(h.in) + nb * h.in_stride_batch + ns * h.in_stride_seq;
           const scalar_t* next_x =
               static_cast<const scalar_t*>(nd.x) + nb * nd.x_stride_batch + ns * nd.x_stride_seq;
-          bool fixed = false;
+          bool fixed = false;  // the row went the fixed-size way
           if (!p.interleaved && D == 2 * p.pairs && h.in_stride_dim == 1 && h.out_stride_dim == 1 &&
               nd.x_stride_dim == 1) {
             with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
-              using Pairs = decltype(pairs);
-              if constexpr (!std::is_same_v<Pairs, int64_t>) {
-                if constexpr (Pairs::value % Block<scalar_t>::kSize == 0) {
-                  const scalar_t* x = static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch +
-                                      s * nd.x_stride_seq;
-                  scalar_t* out =
-                      static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
-                  if (np.across_heads) {
-                    norm_rope_backward_row_fixed<true, scalar_t, Pairs::value>(
-                        h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok,
-                        partial[i]);
-                  } else {
-                    norm_rope_backward_row_fixed<false, scalar_t, Pairs::value>(
-                        h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok * h.heads,
-                        partial[i]);
-                  }
-                  fixed = true;
+              if constexpr (!std::is_same_v<decltype(pairs), int64_t>) {
+                constexpr int64_t kPairs = decltype(pairs)::value;
+                const scalar_t* x = static_cast<const scalar_t*>(nd.x) + b * nd.x_stride_batch +
+                                    s * nd.x_stride_seq;
+                scalar_t* out =
+                    static_cast<scalar_t*>(h.out) + b * h.out_stride_batch + s * h.out_stride_seq;
+                if (np.across_heads) {
+                  norm_rope_backward_row_fixed<true, scalar_t, kPairs>(
+                      h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok, partial[i]);
+                } else {
+                  norm_rope_backward_row_fixed<false, scalar_t, kPairs>(
+                      h, nd, grad, x, out, next_grad, next_x, c, sn, scale, rstd + tok * h.heads,
+                      partial[i]);
                 }
+                fixed = true;
               }
             });
           }

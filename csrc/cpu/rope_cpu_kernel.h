@@ -436,6 +436,14 @@ Size<2 * N> twice(Size<N>) {
   return {};
 }
 
+// Calls f(pairs, head_dim): both compile-time constants where the head is fully rotated and
+// its size is one of with_pairs', else as they are.
+template <bool kSizes, typename F>
+ROPE_HEAD_INLINE void with_head_sizes(int64_t pairs, int64_t head_dim, F&& f) {
+  if (head_dim != 2 * pairs) return f(pairs, head_dim);
+  with_pairs<kSizes>(pairs, [&](auto fixed_pairs) { f(fixed_pairs, twice(fixed_pairs)); });
+}
+
 // Whether a kernel instantiation compiles the fixed head sizes of with_pairs.
 template <typename scalar_t, typename table_t>
 constexpr bool kFixedSizes = !std::is_same_v<scalar_t, double> && !std::is_same_v<table_t, double>;
