@@ -259,11 +259,15 @@ ROPE_HD opmath_t<scalar_t> norm_forward_sum(const NormRopeProblem& np, const Nor
     for (int64_t unit = lane; unit < plan.units; unit += plan.block_x) {
       int64_t lo_off, hi_off;
       unit_offsets(unit, np.rope.pairs, N, np.rope.interleaved, lo_off, hi_off);
+      // Both runs are loaded before either is summed: with the hi load behind the first
+      // sum, the GPU waited for one load's data before it issued the other. A pass-through
+      // run (no hi) loads its lo run twice rather than branch (as phase 2 and the backward).
+      const int64_t hi_or_lo = hi_off >= 0 ? hi_off : lo_off;
       load_run<scalar_t, N, T, Access>(x + lo_off * d.in_stride_dim, d.in_stride_dim, kept.lo);
+      load_run<scalar_t, N, T, Access>(x + hi_or_lo * d.in_stride_dim, d.in_stride_dim, kept.hi);
       ROPE_UNROLL
       for (int j = 0; j < N; ++j) sum += kept.lo[j] * kept.lo[j];
       if (hi_off >= 0) {
-        load_run<scalar_t, N, T, Access>(x + hi_off * d.in_stride_dim, d.in_stride_dim, kept.hi);
         ROPE_UNROLL
         for (int j = 0; j < N; ++j) sum += kept.hi[j] * kept.hi[j];
       }
@@ -294,20 +298,24 @@ ROPE_HD void norm_forward_store(const NormRopeProblem& np, const NormPlan& plan,
     for (int64_t unit = lane; unit < plan.units; unit += plan.block_x) {
       int64_t lo_off, hi_off;
       unit_offsets(unit, p.pairs, N, p.interleaved, lo_off, hi_off);
-      T lo[N], hi[N], w[N];
+      // Every load is issued before any is used: one wait for L1, not three in a row. A
+      // pass-through run (no hi) reads its lo runs in the hi runs' place, and no table.
+      const int64_t hi_or_lo = hi_off >= 0 ? hi_off : lo_off;
+      T lo[N], hi[N], w_lo[N], w_hi[N], c[N], sn[N];
       kept_or_load<scalar_t, N, T, Access>(from_kept, kept.lo, x + lo_off * d.in_stride_dim,
                                            d.in_stride_dim, lo);
-      scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
-      ROPE_UNROLL
-      for (int j = 0; j < N; ++j) lo[j] = lo[j] * r * w[j];
+      kept_or_load<scalar_t, N, T, Access>(from_kept, kept.hi, x + hi_or_lo * d.in_stride_dim,
+                                           d.in_stride_dim, hi);
+      scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w_lo);
+      scale_run<N, T, Access>(np, plan, it.i, head, hi_or_lo, w_hi);
       if (hi_off >= 0) {
-        kept_or_load<scalar_t, N, T, Access>(from_kept, kept.hi, x + hi_off * d.in_stride_dim,
-                                             d.in_stride_dim, hi);
-        scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
-        ROPE_UNROLL
-        for (int j = 0; j < N; ++j) hi[j] = hi[j] * r * w[j];
-        T c[N], sn[N];
         table_chunk<table_t, N, T, Access>(p, plan.table_vec > 1, it.b, it.s, unit * N, c, sn);
+      }
+      ROPE_UNROLL
+      for (int j = 0; j < N; ++j) lo[j] = lo[j] * r * w_lo[j];
+      if (hi_off >= 0) {
+        ROPE_UNROLL
+        for (int j = 0; j < N; ++j) hi[j] = hi[j] * r * w_hi[j];
         rotate_chunk(lo, hi, c, sn, p.interleaved);
         store_run<scalar_t, N, T, Access>(y + hi_off * d.out_stride_dim, hi);
       }
@@ -335,13 +343,19 @@ ROPE_HD void backward_run(const NormRopeProblem& np, const NormPlan& plan, const
                       it.s * nd.x_stride_seq + head * nd.x_stride_head;
   unit_offsets(unit, p.pairs, N, p.interleaved, lo_off, hi_off);
   T w[N];
+  // The four runs of the gradient and of x are loaded before any is used, so the GPU waits
+  // for memory once per run, not once for the gradient and again for x. A pass-through run
+  // (no hi) loads its lo runs twice rather than branch: with the hi loads behind a branch,
+  // nvcc converted the lo runs before issuing them, which waits for the lo loads' data.
+  const int64_t hi_or_lo = hi_off >= 0 ? hi_off : lo_off;
   load_run<scalar_t, N, T, Access>(g + lo_off * d.in_stride_dim, d.in_stride_dim, dn_lo);
+  load_run<scalar_t, N, T, Access>(x + lo_off * nd.x_stride_dim, nd.x_stride_dim, n_lo);
+  load_run<scalar_t, N, T, Access>(g + hi_or_lo * d.in_stride_dim, d.in_stride_dim, dn_hi);
+  load_run<scalar_t, N, T, Access>(x + hi_or_lo * nd.x_stride_dim, nd.x_stride_dim, n_hi);
   if (hi_off >= 0) {
-    load_run<scalar_t, N, T, Access>(g + hi_off * d.in_stride_dim, d.in_stride_dim, dn_hi);
     T c[N], sn[N];
     table_chunk<table_t, N, T, Access>(p, plan.table_vec > 1, it.b, it.s, unit * N, c, sn);
     rotate_chunk(dn_lo, dn_hi, c, sn, p.interleaved);  // u (inverse: sin negated)
-    load_run<scalar_t, N, T, Access>(x + hi_off * nd.x_stride_dim, nd.x_stride_dim, n_hi);
     scale_run<N, T, Access>(np, plan, it.i, head, hi_off, w);
     ROPE_UNROLL
     for (int j = 0; j < N; ++j) {
@@ -349,7 +363,6 @@ ROPE_HD void backward_run(const NormRopeProblem& np, const NormPlan& plan, const
       dn_hi[j] = dn_hi[j] * w[j];
     }
   }
-  load_run<scalar_t, N, T, Access>(x + lo_off * nd.x_stride_dim, nd.x_stride_dim, n_lo);
   scale_run<N, T, Access>(np, plan, it.i, head, lo_off, w);
   ROPE_UNROLL
   for (int j = 0; j < N; ++j) {

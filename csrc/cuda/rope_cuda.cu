@@ -32,9 +32,21 @@ struct DeviceAccess {
   __device__ __forceinline__ static Pack<T, N> load(const T* p) {
     return *reinterpret_cast<const Pack<T, N>*>(p);
   }
+  // A 16-byte pack goes out as one 16-byte store. As a plain struct copy, nvcc kept the
+  // rotation kernel's stores whole but split every store of the fused norm kernels into
+  // eight 2-byte stores (bf16/fp16 runs; the loads stayed 16-byte).
   template <typename T, int N>
   __device__ __forceinline__ static void store(T* p, const Pack<T, N>& v) {
-    *reinterpret_cast<Pack<T, N>*>(p) = v;
+    if constexpr (sizeof(Pack<T, N>) == sizeof(uint4)) {
+      uint4 bits;
+      __builtin_memcpy(&bits, &v, sizeof(bits));
+      // A plain (weak) store: __stwb's st.global.wb became STG.E.128.STRONG.SM.
+      asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(bits.x), "r"(bits.y),
+          "r"(bits.z), "r"(bits.w)
+          : "memory");
+    } else {
+      *reinterpret_cast<Pack<T, N>*>(p) = v;
+    }
   }
 };
 
