@@ -273,7 +273,7 @@ def test_launch_plans(config, dtype, interleaved, rotary):
 
 @pytest.mark.parametrize("spec", ["blocks=3", "block_threads=0", "index_bits=16", "sm_count=-1",
                                   "heads_per_item=x", "block_threads", "min_blocks=3",
-                                  "norm_min_blocks=2"])
+                                  "norm_min_blocks=2", "norm_prefetch=2"])
 def test_launch_config_rejects_bad_settings(spec):
     with pytest.raises(ValueError, match="launch config"):
         testing.set_cuda_launch(spec)

@@ -651,6 +651,50 @@ def test_occupancy_build_of_the_forward(device):
     assert_norm_rope_close(bounded[0][0], want, y, 64, False, tolerance(torch.bfloat16, 64), "q")
 
 
+@ACROSS
+@pytest.mark.parametrize("rotary", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_prefetch_of_the_next_item(device, dtype, rotary, across_heads):
+    """norm_prefetch=1: each lane hints its next item's runs (x; in the backward the gradient
+    and the saved x) into L2 before its current item. A hint only: the same bits, forward and
+    backward, on a grid of one block that strides over every item (so nearly every item is
+    someone's next), with pass-through runs (partial) and lanes of several runs (across
+    heads). On the host each hinted address is read, so `make sanitize` checks that every
+    one lies inside its tensor."""
+    if device == "cpu":
+        pytest.skip("a launch setting of the CUDA kernel")
+    d = 64
+    _, q, k, qv, kv = make_qk("bshd", "contiguous", dtype, head_dim=d)
+    cos, sin, pos = build_table("pos_bs", B, S, rotary // 2)
+    qw, kw = make_weights(across_heads, 0.0, torch.float32, head_dim=d)
+    args = [to(device, t) for t in (q, k, cos, sin, pos, qw, kw)]
+    grads = [to(device, torch.randn_like(t.float()).to(t.dtype)) for t in (q, k)]
+
+    def run(launch):
+        previous = torch.ops.rope_testing.set_cuda_launch(launch)
+        try:
+            out = ops.rms_norm_rope_qk(*args, 1e-6, across_heads, 0.0, False)
+            plan = torch.ops.rope_testing.last_host_plan() if device == "cuda-host" else ""
+            back = ops.rms_norm_rope_qk_backward(*grads, *args, out[2], out[3], across_heads,
+                                                 0.0, False)
+        finally:
+            torch.ops.rope_testing.set_cuda_launch(previous)
+        return out + back, plan
+
+    one_block = "sm_count=1,max_blocks_per_sm=1,block_threads=64"
+    plain, _ = run(one_block)
+    hinted, plan = run(one_block + ",norm_prefetch=1")
+    if device == "cuda-host":
+        fields = dict(kv_.split("=") for kv_ in plan.split(","))
+        assert fields["prefetch"] == "1" and fields["grid"] == "1", fields
+        assert int(fields["items"]) > int(fields["block_y"]), fields  # the grid strides
+    for got, want in zip(hinted, plain):
+        assert torch.equal(got, want)
+    y, want = ref_norm_rope(qv, qw, cos, sin, pos, 1e-6, across_heads, 0.0, False)
+    reduced = d * HQ if across_heads else d
+    assert_norm_rope_close(hinted[0], want, y, rotary, False, tolerance(dtype, reduced), "q")
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
 def test_weight_off_a_16_byte_boundary(device, dtype, backward):

@@ -31,6 +31,7 @@ struct NormPlan {
   int table_vec = 1;        // elements of cos/sin per access
   bool scale_runs = false;  // the scale read 16 bytes per access (else one element)
   int min_blocks = 0;       // 4: the forward's vector kernel built for 4 blocks per SM; 0: not
+  bool prefetch = false;    // each lane hints its next item's runs into L2 (prefetch_item)
   int64_t items = 0;
   int64_t units = 0;  // runs per head: pair chunks, then pass-through runs
   // The scale-gradient launches (backward): one thread per partial sum, then per sum.
@@ -97,6 +98,7 @@ inline NormPlan plan_norm_launch(const NormRopeProblem& np, const LaunchConfig& 
                             plan.block_x * plan.block_y <= kOccupancyThreads
                         ? 4
                         : 0;
+  plan.prefetch = cfg.norm_prefetch == 1;
   if (np.backward) {
     int64_t partials = 0, sums = 0;
     for (int i = 0; i < p.num_x; ++i) {
@@ -215,6 +217,36 @@ ROPE_HD void scale_run(const NormRopeProblem& np, const NormPlan& plan, int i, i
   }
   ROPE_UNROLL
   for (int j = 0; j < N; ++j) w[j] = Access::template load<T, 1>(scale + j).v[0];
+}
+
+// A hint that brings into L2 the runs phase 1 of `item` will read on this lane (x; in the
+// backward, the output's gradient and the saved x): the kernel loop gives it the lane's
+// next item before the current one's loads, so that item's loads wait on L2, not on DRAM,
+// and memory has the next item's bytes in flight while this one computes. No register
+// receives data. Launch setting norm_prefetch=1 (docs/kernels.md).
+template <typename scalar_t, int N, typename Access>
+ROPE_HD void prefetch_item(const NormRopeProblem& np, const NormPlan& plan, int64_t item,
+                           int64_t lane) {
+  const NormItem it(np, item);
+  const HeadsDesc& d = np.rope.x[it.i];
+  const NormDesc& nd = np.norm[it.i];
+  for (int64_t head = it.head_begin; head < it.head_end; ++head) {
+    const scalar_t* x = static_cast<const scalar_t*>(d.in) + it.b * d.in_stride_batch +
+                        it.s * d.in_stride_seq + head * d.in_stride_head;
+    const scalar_t* saved = np.backward
+                                ? static_cast<const scalar_t*>(nd.x) + it.b * nd.x_stride_batch +
+                                      it.s * nd.x_stride_seq + head * nd.x_stride_head
+                                : nullptr;
+    for (int64_t unit = lane; unit < plan.units; unit += plan.block_x) {
+      int64_t lo_off, hi_off;
+      unit_offsets(unit, np.rope.pairs, N, np.rope.interleaved, lo_off, hi_off);
+      for (const int64_t off : {lo_off, hi_off}) {
+        if (off < 0) continue;
+        Access::prefetch(x + off * d.in_stride_dim);
+        if (saved != nullptr) Access::prefetch(saved + off * nd.x_stride_dim);
+      }
+    }
+  }
 }
 
 // Elements normalized together: a head, or all heads of the tensor.

@@ -71,6 +71,13 @@ struct CheckedHostAccess {
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
+  // The GPU's prefetch only hints; here its first byte is read, so that under
+  // AddressSanitizer (make sanitize) an address outside every tensor fails the run.
+  template <typename T>
+  static void prefetch(const T* p) {
+    const volatile unsigned char first = *reinterpret_cast<const volatile unsigned char*>(p);
+    (void)first;
+  }
   template <typename T, int N>
   static void store(T* p, const Pack<T, N>& v) {
     check_aligned<T, N>(p, "a store");
@@ -195,6 +202,11 @@ struct NormHostRunner {
                 const NormItem it(np, base + ty);
                 T sums[32];
                 KeptRuns<T, N> kept[32];  // each lane's registers between the two phases
+                const int64_t next = base + stride + ty;
+                for (int lane = 0; lane < plan.block_x && plan.prefetch && next < plan.items;
+                     ++lane) {
+                  prefetch_item<scalar_t, N, A>(np, plan, next, lane);
+                }
                 for (int lane = 0; lane < plan.block_x; ++lane) {
                   sums[lane] = np.backward
                                    ? norm_backward_sum<scalar_t, table_t, N, A>(np, plan, it, lane)
@@ -273,12 +285,13 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                  : key == "max_heads_per_item" ? &cfg.max_heads_per_item
                  : key == "min_blocks"         ? &cfg.min_blocks
                  : key == "norm_min_blocks"    ? &cfg.norm_min_blocks
+                 : key == "norm_prefetch"      ? &cfg.norm_prefetch
                                                : nullptr;
     if (field == nullptr || eq == std::string::npos) {
       return "unknown setting '" + item +
              "'; the settings are block_threads, max_blocks_per_sm, "
              "fill_blocks_per_sm, heads_per_item, max_heads_per_item, index_bits, sm_count, "
-             "vectorize, min_blocks, norm_min_blocks (key=value)";
+             "vectorize, min_blocks, norm_min_blocks, norm_prefetch (key=value)";
     }
     const std::string value = item.substr(eq + 1);
     char* end = nullptr;
@@ -287,11 +300,12 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                     (key != "block_threads" || v >= 1) &&
                     (key != "index_bits" || v == 0 || v == 32 || v == 64) &&
                     (key != "min_blocks" || v == 0 || v == 4) &&
-                    (key != "norm_min_blocks" || v == 0 || v == 4);
+                    (key != "norm_min_blocks" || v == 0 || v == 4) &&
+                    (key != "norm_prefetch" || v == 0 || v == 1);
     if (!ok) {
       return "bad value '" + value + "' for " + key +
              " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64; min_blocks "
-             "and norm_min_blocks 0 or 4)";
+             "and norm_min_blocks 0 or 4; norm_prefetch 0 or 1)";
     }
     *field = static_cast<int>(v);
   }
@@ -364,7 +378,8 @@ void norm_rope_cuda_host(const NormRopeProblem& np) {
                {"scale_runs", plan.scale_runs ? 1 : 0},
                {"items", plan.items},
                {"units", plan.units},
-               {"min_blocks", plan.min_blocks}});
+               {"min_blocks", plan.min_blocks},
+               {"prefetch", plan.prefetch ? 1 : 0}});
 }
 
 std::string last_host_plan() {

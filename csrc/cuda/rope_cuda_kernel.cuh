@@ -55,6 +55,7 @@ struct LaunchConfig {
   int vectorize = 1;           // 0: always the scalar path
   int min_blocks = 4;          // 4: the vector kernel built for 4 resident blocks per SM; 0: not
   int norm_min_blocks = 0;     // the same for the fused QK-norm forward (64 registers, with spills)
+  int norm_prefetch = 0;       // 1: the fused kernels hint each lane's next item into L2
 };
 
 // The vector kernel can be built with __launch_bounds__(kOccupancyThreads, 4): at most
