@@ -125,13 +125,14 @@ def round_ratio(times, a, b):
 # Launch settings the fused CUDA kernel's planner reads (docs/kernels.md, "Launch
 # thresholds"): threads per block (items of 8 lanes for bf16 head_dim 128, so 256 threads
 # = 32 items), the persistent grid's blocks per SM, the forward's 64-register build, the
-# hint of each lane's next item into L2, and the scalar path for reference.
-NORM_SWEEP = ["", "block_threads=64", "block_threads=128", "block_threads=512",
+# hint of each lane's next item into L2 (the untimed options first: the step has a time
+# cap), and the scalar path for reference.
+NORM_SWEEP = ["", "norm_prefetch=1", "norm_min_blocks=4", "norm_prefetch=1,norm_min_blocks=4",
+              "block_threads=64", "block_threads=128", "block_threads=512",
               "block_threads=1024", "max_blocks_per_sm=2", "max_blocks_per_sm=4",
               "max_blocks_per_sm=16", "max_blocks_per_sm=32",
-              "block_threads=128,max_blocks_per_sm=16", "norm_min_blocks=4",
-              "norm_min_blocks=4,max_blocks_per_sm=16", "norm_prefetch=1",
-              "norm_prefetch=1,norm_min_blocks=4", "vectorize=0"]
+              "block_threads=128,max_blocks_per_sm=16", "norm_min_blocks=4,max_blocks_per_sm=16",
+              "vectorize=0"]
 
 
 def sweep(args, dtype, reps, now):
