@@ -214,14 +214,15 @@ ROPE_HEAD_INLINE void norm_rotate_head_folded(const scalar_t* x, scalar_t* y, in
   }
 }
 
-// One head of the forward at other than unit strides (unit strides take scale_rotate_head
-// straight from x): x normalized by r, scaled by w, rotated into y, through `scratch`
-// (head_dim, math type).
+// One head of the forward: x (any stride) normalized by r, scaled by w, rotated into y.
+// At unit strides straight from x; otherwise through `scratch` (head_dim, math type).
 template <bool kStream, typename scalar_t>
 void norm_rotate_head(const RopeProblem& p, const scalar_t* x, int64_t x_stride, scalar_t* y,
                       int64_t y_stride, int64_t head_dim, const opmath_t<scalar_t>* c,
                       const opmath_t<scalar_t>* s, opmath_t<scalar_t> r,
                       const opmath_t<scalar_t>* w, opmath_t<scalar_t>* scratch) {
+  if (x_stride == 1 && y_stride == 1)
+    return scale_rotate_head<kStream>(p.interleaved, x, y, p.pairs, head_dim, c, s, r, w);
   convert_row(x, x_stride, scratch, 1, head_dim);
   if (y_stride == 1) {
     return scale_rotate_head<false>(p.interleaved, scratch, y, p.pairs, head_dim, c, s, r, w);
@@ -343,10 +344,13 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
         });
         continue;
       }
-      if (h.in_stride_dim == 1 && h.out_stride_dim == 1) {
-        // A norm across heads (OLMo 2) or interleaved pairs, at unit strides: the weights
-        // differ per head (or the pairs interleave), so they are applied on the loads.
-        with_head_sizes<kFixedSizes<scalar_t, table_t>>(p.pairs, D, [&](auto pairs, auto head_dim) {
+      if (h.in_stride_dim == 1 && h.out_stride_dim == 1 && D == 2 * p.pairs) {
+        // A norm across heads (OLMo 2) or interleaved pairs, at unit strides and a fixed head
+        // size: the weights differ per head (or the pairs interleave), so they are applied on
+        // the loads. A partially rotated head takes norm_rotate_head below: its run-time loop
+        // inlined here too made the fixed sizes' row 3-4% slower (docs/kernels.md).
+        with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
+          const auto head_dim = twice(pairs);
           token_inverse_rms(np, h, in, Size<1>{}, head_dim, tok, squares, rs, rstd_out);
           for (int64_t head = 0; head < h.heads; ++head) {
             prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
@@ -357,7 +361,7 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
         });
         continue;
       }
-      // Other strides, through the scratch row.
+      // Other strides (through the scratch row), or a partially rotated head.
       token_inverse_rms(np, h, in, h.in_stride_dim, D, tok, squares, rs, rstd_out);
       for (int64_t head = 0; head < h.heads; ++head) {
         prefetch_row(next_in + head * h.in_stride_head, h.in_stride_dim, D);
