@@ -565,6 +565,32 @@ def test_op_rstd_and_outputs(device, dtype):
                                    tolerance(dtype, reduced), name)
 
 
+@pytest.mark.parametrize("heads", [(16, 8), (40, 17)], ids=["16_8", "40_17"])
+@pytest.mark.parametrize("head_dim", [128, 96])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dname)
+def test_many_heads_per_head_norm(device, dtype, head_dim, heads):
+    """A per-head norm over many heads: the AVX-512 kernels sum the squares of sixteen heads
+    at a time in one transposing sum, the heads past the last sixteen one at a time, so each
+    head's rstd (checked head by head) and output must be its own: 16 heads (one group), 40
+    (two groups and 8 more), 17 (one group and one), 8 (none)."""
+    hq, hk = heads
+    _, q, k, qv, kv = make_qk("bshd", "contiguous", dtype, head_dim=head_dim, hq=hq, hk=hk,
+                              batch=2, seq=5)
+    # Heads of different scales, so that a head given another's sum shows.
+    with torch.no_grad():
+        q.mul_(torch.linspace(0.25, 4.0, hq, dtype=torch.float64).to(dtype)[:, None])
+        k.mul_(torch.linspace(4.0, 0.5, hk, dtype=torch.float64).to(dtype)[:, None])
+    cos, sin, pos = build_table("pos_bs", 2, 5, head_dim // 2)
+    qw, kw = make_weights(False, 0.0, torch.float32, head_dim, hq, hk)
+    args = [to(device, t) for t in (q, k, cos, sin, pos, qw, kw)]
+    qo, ko, q_rstd, k_rstd = ops.rms_norm_rope_qk(*args, 1e-6, False, 0.0, False)
+    for name, x, w, out, rstd in (("q", q, qw, qo, q_rstd), ("k", k, kw, ko, k_rstd)):
+        torch.testing.assert_close(rstd.double().cpu(), ref.rms_rstd(x.detach(), 1e-6, False),
+                                   atol=0, rtol=64 * U32)
+        y, want = ref_norm_rope(x, w, cos, sin, pos, 1e-6, False, 0.0, False)
+        assert_norm_rope_close(out, want, y, head_dim, False, tolerance(dtype, head_dim), name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dname)
 def test_op_backward_matches_autograd(device, dtype):
     for q, k, cos, sin, pos, qw, kw, eps, across, offset, inter in _op_samples(device, dtype,
