@@ -43,7 +43,8 @@ ROWS = [("prefill b=1 s=32768", 1, 32768, "fwd"),
         ("train b=8 s=4096 bwd", 8, 4096, "bwd"),
         ("decode b=64 s=1", 64, 1, "decode"),
         ("decode b=1 s=1", 1, 1, "decode")]
-SWEEP = ["", "max_heads_per_item=0", "max_heads_per_item=4", "min_blocks=4",
+SWEEP = ["", "prefetch=1", "prefetch=1,min_blocks=0", "prefetch=1,max_heads_per_item=0",
+         "max_heads_per_item=0", "max_heads_per_item=4", "min_blocks=4",
          "min_blocks=4,max_heads_per_item=0", "min_blocks=4,max_heads_per_item=4",
          "min_blocks=4,max_blocks_per_sm=4", "max_blocks_per_sm=3", "block_threads=128",
          "block_threads=512", "fill_blocks_per_sm=4", "heads_per_item=1", "index_bits=64"]

@@ -243,6 +243,12 @@ LAUNCH_CONFIGS = {
     "plain_kernel": "min_blocks=0,heads_per_item=7",
     # the cap on heads per token item: 7 heads in items of 3 (3 + 3 + 1)
     "max_heads_3": "max_heads_per_item=3,fill_blocks_per_sm=0",
+    # each head's loads preceded by a hint of the item's next head (items of 3 heads, which
+    # straddle q and k; 64-bit offsets; the scalar path): a hint, so the same results; the
+    # host executor reads each hinted address (make sanitize: inside its tensor)
+    "prefetch": "prefetch=1,heads_per_item=3",
+    "prefetch_index64": "prefetch=1,index_bits=64,max_heads_per_item=0",
+    "prefetch_scalar": "prefetch=1,vectorize=0,heads_per_item=4",
 }
 
 
@@ -273,7 +279,7 @@ def test_launch_plans(config, dtype, interleaved, rotary):
 
 @pytest.mark.parametrize("spec", ["blocks=3", "block_threads=0", "index_bits=16", "sm_count=-1",
                                   "heads_per_item=x", "block_threads", "min_blocks=3",
-                                  "norm_min_blocks=2", "norm_prefetch=2"])
+                                  "norm_min_blocks=2", "norm_prefetch=2", "prefetch=2"])
 def test_launch_config_rejects_bad_settings(spec):
     with pytest.raises(ValueError, match="launch config"):
         testing.set_cuda_launch(spec)
@@ -314,6 +320,10 @@ def test_planner_picks_the_grid_for_the_shape():
     assert (fp32["vec"], fp32["block_x"], fp32["block_y"]) == ("4", "16", "16"), fp32
     with cuda_launch("sm_count=2"):  # 128 blocks wanted, one wave of 2 SMs x 8 blocks
         assert plan_of(1, 4096, 1, 1)["grid"] == "16"
+    # The next-head hint only where asked for.
+    assert capped["prefetch"] == "0", capped
+    with cuda_launch("sm_count=4,prefetch=1"):
+        assert plan_of(1, 512, 8, 4)["prefetch"] == "1"
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the CUDA kernel's index width")

@@ -285,13 +285,14 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                  : key == "max_heads_per_item" ? &cfg.max_heads_per_item
                  : key == "min_blocks"         ? &cfg.min_blocks
                  : key == "norm_min_blocks"    ? &cfg.norm_min_blocks
+                 : key == "prefetch"           ? &cfg.prefetch
                  : key == "norm_prefetch"      ? &cfg.norm_prefetch
                                                : nullptr;
     if (field == nullptr || eq == std::string::npos) {
       return "unknown setting '" + item +
              "'; the settings are block_threads, max_blocks_per_sm, "
              "fill_blocks_per_sm, heads_per_item, max_heads_per_item, index_bits, sm_count, "
-             "vectorize, min_blocks, norm_min_blocks, norm_prefetch (key=value)";
+             "vectorize, min_blocks, prefetch, norm_min_blocks, norm_prefetch (key=value)";
     }
     const std::string value = item.substr(eq + 1);
     char* end = nullptr;
@@ -301,11 +302,12 @@ std::string parse_launch_config(const std::string& spec, LaunchConfig& cfg) {
                     (key != "index_bits" || v == 0 || v == 32 || v == 64) &&
                     (key != "min_blocks" || v == 0 || v == 4) &&
                     (key != "norm_min_blocks" || v == 0 || v == 4) &&
+                    (key != "prefetch" || v == 0 || v == 1) &&
                     (key != "norm_prefetch" || v == 0 || v == 1);
     if (!ok) {
       return "bad value '" + value + "' for " + key +
              " (an integer in [0, 1024]; block_threads >= 1; index_bits 0, 32 or 64; min_blocks "
-             "and norm_min_blocks 0 or 4; norm_prefetch 0 or 1)";
+             "and norm_min_blocks 0 or 4; prefetch and norm_prefetch 0 or 1)";
     }
     *field = static_cast<int>(v);
   }
@@ -363,7 +365,8 @@ void rope_cuda_host(const RopeProblem& p) {
                {"index64", plan.index64 ? 1 : 0},
                {"heads_per_item", plan.heads_per_item},
                {"items", plan.items},
-               {"min_blocks", plan.min_blocks}});
+               {"min_blocks", plan.min_blocks},
+               {"prefetch", plan.prefetch ? 1 : 0}});
 }
 
 void norm_rope_cuda_host(const NormRopeProblem& np) {

@@ -54,6 +54,7 @@ struct LaunchConfig {
   int sm_count = 0;            // 0: the device's; else assumed (tests of the grid-stride loop)
   int vectorize = 1;           // 0: always the scalar path
   int min_blocks = 4;          // 4: the vector kernel built for 4 resident blocks per SM; 0: not
+  int prefetch = 0;            // 1: a thread hints the next head of its item into L2
   int norm_min_blocks = 0;     // the same for the fused QK-norm forward (64 registers, with spills)
   int norm_prefetch = 0;       // 1: the fused kernels hint each lane's next item into L2
 };
@@ -74,6 +75,7 @@ struct LaunchPlan {
   int64_t groups = 1;          // items per token: ceil(heads / heads_per_item)
   int64_t items = 0;           // tokens * groups
   int min_blocks = 0;          // 0: the plain kernel; 4: the one built for 4 blocks per SM
+  bool prefetch = false;       // each head's loads are preceded by a hint of the next head's
 };
 
 // ---- the plan: plain functions of the problem, the same on device and host ----
@@ -199,6 +201,7 @@ inline LaunchPlan plan_launch(const RopeProblem& p, const LaunchConfig& cfg, int
   const int64_t int32_max = std::numeric_limits<int32_t>::max();
   plan.index64 = cfg.index_bits == 64 || largest_offset(p) >= int32_max ||
                  plan.items + stride >= int32_max || tokens >= int32_max;
+  plan.prefetch = cfg.prefetch == 1;
   // The 64-register build exists for the 32-bit vector path only.
   plan.min_blocks = cfg.min_blocks == 4 && plan.vec > 1 && !plan.index64 &&
                             plan.block_x * plan.block_y <= kOccupancyThreads
@@ -345,6 +348,13 @@ ROPE_HD void rope_thread(const RopeProblem& p, const LaunchPlan& plan, Index blo
 
       for (Index h = h_begin; h < h_end; ++h) {
         const HeadView<scalar_t, Index> v(p, heads0, h, b, s);
+        if (plan.prefetch && h + 1 < h_end) {
+          // The next head's runs into L2 (a hint, no register): its loads, issued only after
+          // this head's stores, then wait on L2 instead of DRAM (launch setting prefetch=1).
+          const HeadView<scalar_t, Index> next(p, heads0, h + 1, b, s);
+          Access::prefetch(next.x + lo_off * next.stride_in);
+          Access::prefetch(next.x + hi_off * next.stride_in);
+        }
         // N > 1 only with unit-stride head_dim (x_vectorizes), so the dim stride is 1 there.
         const Pack<scalar_t, N> lo_in =
             Access::template load<scalar_t, N>(v.x + lo_off * v.stride_in);
