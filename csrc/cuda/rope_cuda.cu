@@ -37,9 +37,11 @@ struct DeviceAccess {
   __device__ __forceinline__ static void prefetch(const T* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
   }
-  // A 16-byte pack goes out as one 16-byte store. As a plain struct copy, nvcc kept the
-  // rotation kernel's stores whole but split every store of the fused norm kernels into
-  // eight 2-byte stores (bf16/fp16 runs; the loads stayed 16-byte).
+  // A 16-byte pack goes out as one 16-byte store. As a plain struct copy, nvcc kept most of
+  // the rotation kernel's stores whole but split every store of the fused norm kernels into
+  // pieces of the element's size (eight 2-byte stores for a bf16 run; the loads stayed
+  // 16-byte), and those of the rotation's float64 kernels with 64-bit offsets in two;
+  // make cuda-build checks the compiled code for it (.ci/check_cuda_build.py).
   template <typename T, int N>
   __device__ __forceinline__ static void store(T* p, const Pack<T, N>& v) {
     if constexpr (sizeof(Pack<T, N>) == sizeof(uint4)) {
