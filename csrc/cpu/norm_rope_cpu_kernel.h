@@ -133,16 +133,17 @@ ROPE_HEAD_INLINE __m512 sums_of_16(const __m512 (&v)[16]) {
 #endif
 
 // squares[head] = sum_squares of each head of one token's row (h.heads heads of head_dim,
-// h.in_stride_head apart, unit stride). On AVX-512 sixteen heads at a time share one
-// transposing sum (sums_of_16): the fused forward in cache (bf16 Qwen3-8B shapes, s = 256,
-// one thread) 0.166-0.175 -> 0.159-0.162 ms; the heads past the last 16 one at a time.
+// h.in_stride_head apart, elements stride_dim apart). On AVX-512 at unit stride sixteen
+// heads at a time share one transposing sum (sums_of_16, the same bits): the fused forward
+// in cache (bf16 Qwen3-8B shapes, s = 256, one thread) 0.166-0.175 -> 0.159-0.162 ms; the
+// heads past the last 16 one at a time.
 template <typename scalar_t, typename Dim>
-ROPE_HEAD_INLINE void heads_sum_squares(const HeadsDesc& h, const scalar_t* in, Dim head_dim,
-                                        opmath_t<scalar_t>* squares) {
+ROPE_HEAD_INLINE void heads_sum_squares(const HeadsDesc& h, const scalar_t* in, int64_t stride_dim,
+                                        Dim head_dim, opmath_t<scalar_t>* squares) {
   int64_t head = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<opmath_t<scalar_t>, float>) {
-    for (; head + 16 <= h.heads; head += 16) {
+    for (; stride_dim == 1 && head + 16 <= h.heads; head += 16) {
       __m512 lanes[16];
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
@@ -153,7 +154,7 @@ ROPE_HEAD_INLINE void heads_sum_squares(const HeadsDesc& h, const scalar_t* in, 
   }
 #endif
   for (; head < h.heads; ++head) {
-    squares[head] = sum_squares(in + head * h.in_stride_head, 1, head_dim);
+    squares[head] = sum_squares(in + head * h.in_stride_head, stride_dim, head_dim);
   }
 }
 
@@ -340,18 +341,10 @@ ROPE_HEAD_INLINE void token_inverse_rms(const NormRopeProblem& np, const HeadsDe
                                         int64_t tok, opmath_t<scalar_t>* squares,
                                         opmath_t<scalar_t>* rs, opmath_t<scalar_t>* rstd_out) {
   using T = opmath_t<scalar_t>;
-  if (!np.across_heads && stride_dim == 1) {
-    heads_sum_squares(h, in, head_dim, squares);
-    inverse_rms_all(squares, h.heads, head_dim, np.eps, rs);
-    if (rstd_out != nullptr) std::copy(rs, rs + h.heads, rstd_out + tok * h.heads);
-    return;
-  }
-  T squares_total = T(0);
-  for (int64_t head = 0; head < h.heads; ++head) {
-    squares[head] = sum_squares(in + head * h.in_stride_head, stride_dim, head_dim);
-    squares_total += squares[head];
-  }
+  heads_sum_squares(h, in, stride_dim, head_dim, squares);
   if (np.across_heads) {
+    T squares_total = T(0);
+    for (int64_t head = 0; head < h.heads; ++head) squares_total += squares[head];
     const T r = inverse_rms(squares_total, h.heads * head_dim, np.eps);
     std::fill(rs, rs + h.heads, r);
     if (rstd_out != nullptr) rstd_out[tok] = r;
