@@ -28,6 +28,8 @@ int64_t weight_size(const at::Tensor& x, bool across_heads) {
 
 void check_weight(const at::Tensor& x, const at::Tensor& w, const char* xname, const char* wname,
                   bool across_heads) {
+  // None reaches a `Tensor` argument of the schema as an undefined tensor.
+  TORCH_CHECK_TYPE(w.defined(), "rope: ", wname, " must be a tensor (the norm's weight), got None");
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == x.scalar_type() ||
                        (x.scalar_type() == at::kDouble && is_float_dtype(w.scalar_type())),
                    "rope: ", wname, " must be float32 or ", xname, "'s dtype (", x.scalar_type(),

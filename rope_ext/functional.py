@@ -18,8 +18,8 @@ def _op_view(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     want = 3 if layout == "thd" else 4
     if x.dim() != want:
-        shape = "[tokens, heads, head_dim]" if layout == "thd" else f"[{', '.join(layout)}]".replace(
-            "b", "batch").replace("s", "seq").replace("h", "heads").replace("d", "head_dim")
+        dim_names = {"b": "batch", "s": "seq", "h": "heads", "d": "head_dim", "t": "tokens"}
+        shape = "[" + ", ".join(dim_names[letter] for letter in layout) + "]"
         raise ValueError(
             f"{name} must be {want}-D {shape} for layout={layout!r}, got shape {tuple(x.shape)}")
     return x.transpose(1, 2) if layout == "bhsd" else x

@@ -191,3 +191,28 @@ def test_inductor_matches_eager():
     for got, want in zip(run(compiled), run(fn)):
         # Inductor fuses the surrounding arithmetic and may round differently: float32 rtol.
         torch.testing.assert_close(got, want)
+
+
+def test_inductor_matches_eager_fused_norm():
+    """The fused QK-RMSNorm + RoPE under inductor: outputs and the gradients of q, k and both
+    norm weights (the op's saved rstd crosses from the forward graph to the backward's)."""
+    _, q, k, _ = build_qkv((2, 5), 4, 2, 16)
+    inv_freq, attention_factor = rope_ext.rope_frequencies(16)
+    cos, sin = rope_ext.cos_sin_table(inv_freq, 32, attention_factor)
+    pos = torch.randint(0, 32, (2, 5))
+    q_weight, k_weight = torch.rand(16) + 0.5, torch.rand(16) + 0.5
+
+    def fn(q, k, q_weight, k_weight):
+        q_out, k_out = rope_ext.rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=q_weight,
+                                                 k_weight=k_weight, weight_offset=1.0)
+        return (q_out * 3 + 1).sum() + (k_out ** 2).sum(), q_out, k_out
+
+    def run(f):
+        leaves = [t.detach().requires_grad_() for t in (q, k, q_weight, k_weight)]
+        loss, q_out, k_out = f(*leaves)
+        loss.backward()
+        return [q_out, k_out] + [t.grad for t in leaves]
+
+    compiled = torch.compile(fn, fullgraph=True)  # backend="inductor"
+    for got, want in zip(run(compiled), run(fn)):
+        torch.testing.assert_close(got, want)

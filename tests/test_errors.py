@@ -298,6 +298,24 @@ def test_x_rank_does_not_match_layout(entry, layout, shape):
     with pytest.raises(ValueError, match=word(xname(entry))) as info:
         call(entry, torch.randn(shape), positions=positions, layout=layout)
     assert re.search(word("layout"), str(info.value)), str(info.value)
+    assert LAYOUT_SHAPE[layout] in str(info.value), str(info.value)
+
+
+# The shape each layout asks for, spelled out (an earlier message chained str.replace over
+# the layout's letters and garbled it: "[batcheahead_dims, ...]").
+LAYOUT_SHAPE = {"bshd": "[batch, seq, heads, head_dim]", "bhsd": "[batch, heads, seq, head_dim]",
+                "thd": "[tokens, heads, head_dim]"}
+
+
+@pytest.mark.parametrize("layout,shape", RANK_VS_LAYOUT)
+def test_fused_norm_rank_does_not_match_layout(layout, shape):
+    cos, sin = table()
+    weight = torch.ones(D)
+    with pytest.raises(ValueError, match=word("q")) as info:
+        rope_ext.rms_norm_rope_qk(torch.randn(shape), torch.randn(shape), cos, sin,
+                                  positions=torch.arange(S), q_weight=weight, k_weight=weight,
+                                  layout=layout)
+    assert LAYOUT_SHAPE[layout] in str(info.value), str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(HERE)
 
 
 class Attention(torch.nn.Module):
-    """q/k projections, RoPE on both (fused and single), a dot-product score."""
+    """q/k projections, RoPE on both (fused and single), the fused QK-RMSNorm + RoPE (Qwen3's
+    per-head norm), a dot-product score."""
 
     def __init__(self, heads=4, kv_heads=2, head_dim=16, max_positions=64):
         super().__init__()
@@ -25,6 +26,8 @@ class Attention(torch.nn.Module):
         self.q = torch.nn.Linear(32, heads * head_dim, bias=False)
         self.k = torch.nn.Linear(32, kv_heads * head_dim, bias=False)
         self.rope = rope_ext.RotaryEmbedding(head_dim, rotary_dim=12, max_positions=max_positions)
+        self.q_norm = torch.nn.Parameter(torch.rand(head_dim) + 0.5)
+        self.k_norm = torch.nn.Parameter(torch.rand(head_dim) + 0.5)
 
     def forward(self, x, positions):
         b, s, _ = x.shape
@@ -32,7 +35,10 @@ class Attention(torch.nn.Module):
         k = self.k(x).view(b, s, self.kv_heads, self.head_dim)
         q, k = self.rope(q, k, positions)
         k2 = rope_ext.apply_rope(k, self.rope.cos, self.rope.sin, positions, interleaved=True)
-        return torch.einsum("bshd,bthd->bhst", q[:, :, :self.kv_heads], k + k2)
+        qn, kn = rope_ext.rms_norm_rope_qk(q, k, self.rope.cos, self.rope.sin, positions,
+                                           q_weight=self.q_norm, k_weight=self.k_norm)
+        return torch.einsum("bshd,bthd->bhst", q[:, :, :self.kv_heads] + qn[:, :, :self.kv_heads],
+                            k + k2 + kn)
 
 
 # Where the tensors live (not a kernel choice: the exported program runs the op as compiled).
@@ -63,6 +69,7 @@ def test_export_save_load_in_a_fresh_process(tmp_path, device):
     expected = model(*args)
     exported = torch.export.export(model, args)
     assert any("rope.apply" in str(n.target) for n in exported.graph.nodes)
+    assert any("rope.rms_norm_rope_qk" in str(n.target) for n in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(*args), expected, rtol=0, atol=0)
     path = tmp_path / "attention.pt2"
     torch.export.save(exported, path)

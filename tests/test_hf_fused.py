@@ -11,6 +11,7 @@ b) the op against each model's own norm + rotary code in bfloat16: q_norm/k_norm
    the modeling module's apply_rotary_pos_emb used exactly where the attention forward uses
    them, on the model's own bf16 cos/sin; the op is within 2 bf16 ulps of transformers (which
    rounds several times) and within one rounding of the exact float64 result.
+   The whole tiny model in bfloat16, patched, against transformers' own bf16 logits.
 c) unpatch / patched() restore the exact forward objects; a transformers whose norm or
    attention call differs from what the fused forward assumes is refused with a clear message;
    without the op in the build, the forwards stay transformers'.
@@ -217,6 +218,26 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
         assert (err <= BF16_U * exact.abs() * 1.01 + 1e-5).all(), float(err.max())
         err_hf = (ref.double() - exact).abs().max()
         assert err.max() <= err_hf  # transformers' several roundings are never closer
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_patched_bf16_model_matches_transformers(fam):
+    """The whole tiny model in bfloat16, patched against transformers' own attention code: the
+    fused forward's bf16 path (bf16 weights, the model's bf16 or float32 cos/sin turned into
+    the op's table) gives logits within bf16 rounding of transformers' (their two roundings of
+    the same float32 model: 1.0-1.5% of the largest logit apart here), and no farther from the
+    float32 model's logits than transformers' own bf16 logits are (within 1.5x: each rounds
+    differently, neither is exact)."""
+    ids, pos = inputs()
+    with torch.no_grad():
+        exact = tiny_model(fam).eval()(ids, position_ids=pos).logits
+        model = tiny_model(fam, torch.bfloat16).eval()
+        ref = model(ids, position_ids=pos).logits
+        hf.patch(fam)
+        out = model(ids, position_ids=pos).logits
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 2.0**-5
+    assert rel_err(out, exact) <= 1.5 * rel_err(ref, exact)
 
 
 # ---------------------------------------------------------------------------------------------

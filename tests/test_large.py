@@ -8,7 +8,8 @@ initialised in full (a cheap broadcast copy of one random [8, 128] token); the t
 random values and positions, are copied out before the call, and are compared with the float64
 reference computed on just those tokens.
 
-The rotations run in place, so the module holds one 4.3 GB buffer; the functional test adds
+The rotations (and the fused QK-RMSNorm + RoPE, last) run in place, so the module holds one
+4.3 GB buffer; the functional test adds
 its 4.3 GB output (8.6 GB peak). Each test skips, saying why, when /proc/meminfo reports too
 little available memory for it. Runtime is a few seconds per call on 2 cores.
 """
@@ -147,3 +148,30 @@ def test_functional_past_2_31_elements(big):
     assert elapsed < TIME_LIMIT_S, \
         f"functional pass over {X_BYTES / GiB:.1f} GiB took {elapsed:.1f} s"
 
+
+
+def test_fused_norm_in_place_past_2_31_elements(big):
+    """The fused QK-RMSNorm + RoPE in place on q = heads 0-5 and k = heads 6-7 of x (strided
+    slices of one buffer, as of a fused qkv projection): the tokens past element 2**31 are
+    normalized and rotated like the first ones."""
+    x = big
+    q, k = x[:, :, :6], x[:, :, 6:]
+    cos, sin = (t.float() for t in ref.default_table(HEAD_DIM, TABLE_ROWS))
+    pos = positions(torch.int64, seed=11)
+    g = torch.Generator().manual_seed(12)
+    q_weight = (torch.rand(HEAD_DIM, generator=g) + 0.5).to(torch.bfloat16)
+    k_weight = (torch.rand(HEAD_DIM, generator=g) + 0.5).to(torch.bfloat16)
+    x_rows = x[:, CHECK_IDX].clone()
+    t0 = time.perf_counter()
+    ret = rope_ext.rms_norm_rope_qk(q, k, cos, sin, pos[None], q_weight=q_weight,
+                                    k_weight=k_weight, inplace=True)
+    elapsed = time.perf_counter() - t0
+    assert ret[0] is q and ret[1] is k
+    for heads, w in ((slice(0, 6), q_weight), (slice(6, 8), k_weight)):
+        normalized = ref.rms_norm(x_rows[:, :, heads], w, 1e-6)
+        expected = ref.rope(normalized, cos, sin, pos[CHECK_IDX][None])
+        # (the input's pair norms there: those of the normalized input, in x's dtype)
+        ref.assert_pairs_close(x[:, CHECK_IDX][:, :, heads], expected,
+                               normalized.to(x.dtype), HEAD_DIM, False)
+    assert elapsed < TIME_LIMIT_S, \
+        f"fused in-place pass over {X_BYTES / GiB:.1f} GiB took {elapsed:.1f} s"

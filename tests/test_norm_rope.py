@@ -326,6 +326,64 @@ def test_zero_rows_give_zero_not_nan(device, dtype, across_heads):
     torch.testing.assert_close(zg.double().cpu(), zw, rtol=0, atol=tol * zw.abs().max().item())
 
 
+@ACROSS
+@pytest.mark.parametrize("empty", ["q", "k"])
+def test_zero_heads(device, empty, across_heads):
+    """A tensor with no heads (its weight [head_dim], or [0] across heads): an empty output and
+    a zero weight gradient; the other tensor as if alone (float64 reference and gradients)."""
+    hq, hk = (0, HK) if empty == "q" else (HQ, 0)
+    _, q, k, _, _ = make_qk("bshd", "contiguous", torch.float64, hq=hq, hk=hk)
+    qw, kw = make_weights(across_heads, 0.0, torch.float64, hq=hq, hk=hk)
+    cos, sin, pos = build_table("pos_bs", B, S, D // 2, torch.float64)
+    leaves = [to(device, t).requires_grad_() for t in (q, k, qw, kw)]
+    qo, ko = rms_norm_rope_qk(*leaves[:2], to(device, cos), to(device, sin), to(device, pos),
+                              q_weight=leaves[2], k_weight=leaves[3], across_heads=across_heads)
+    assert qo.shape == q.shape and ko.shape == k.shape
+    g = [torch.randn(t.shape, dtype=torch.float64) for t in (q, k)]
+    got = torch.autograd.grad((qo, ko), leaves, [to(device, t) for t in g])
+    x64 = [t.detach().clone().requires_grad_() for t in (q, k, qw, kw)]
+    want_q = aten_norm_rope(x64[0], x64[2], cos, sin, pos, 1e-6, across_heads, 0.0, False)
+    want_k = aten_norm_rope(x64[1], x64[3], cos, sin, pos, 1e-6, across_heads, 0.0, False)
+    torch.testing.assert_close(qo.cpu(), want_q.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ko.cpu(), want_k.detach(), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad((want_q, want_k), x64, g, allow_unused=True)
+    for name, a, b, leaf in zip(("q", "k", "q_weight", "k_weight"), got, want, x64):
+        b = torch.zeros_like(leaf) if b is None else b
+        assert a.shape == leaf.shape, name
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@ACROSS
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_stays_in_its_norm_group(device, across_heads, value):
+    """A NaN or an infinity in one element of q reaches no output outside its norm group (its
+    head, or with across_heads its token of q): every other element of q and k is bit for bit
+    what it is without it, and the group holds no finite value but zeros."""
+    _, q, k, _, _ = make_qk("bshd", "contiguous", torch.float32)
+    cos, sin, pos = build_table("pos_bs", B, S, D // 2)
+    qw, kw = make_weights(across_heads, 0.0, torch.float32)
+    bad = q.clone()
+    bad[1, 2, 1, 3] = value
+
+    def run(x):
+        return rms_norm_rope_qk(to(device, x), to(device, k), to(device, cos), to(device, sin),
+                                to(device, pos), q_weight=to(device, qw), k_weight=to(device, kw),
+                                across_heads=across_heads)
+
+    (qo, ko), (q_bad, k_bad) = run(q), run(bad)
+    assert torch.equal(k_bad, ko)
+    group = torch.zeros(q.shape, dtype=torch.bool)
+    if across_heads:
+        group[1, 2] = True
+    else:
+        group[1, 2, 1] = True
+    group = to(device, group)
+    assert torch.equal(q_bad[~group], qo[~group])
+    in_group = q_bad[group]
+    assert (~torch.isfinite(in_group) | (in_group == 0)).all(), in_group
+    assert not torch.isfinite(in_group).all()
+
+
 # --- properties ---
 
 
@@ -957,6 +1015,16 @@ def test_error_weight_dtype(device, entry, which, x_dtype, w_dtype):
     w = {"q_weight": qw, "k_weight": kw}
     w[which] = w[which].to(w_dtype)
     with pytest.raises(TypeError, match=rf"\b{which}\b"):
+        _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
+
+
+@ENTRIES
+@pytest.mark.parametrize("which", ["q_weight", "k_weight"])
+def test_error_weight_none(device, entry, which):
+    q, k, cos, sin, pos, qw, kw = _inplace_inputs(device)
+    w = {"q_weight": qw, "k_weight": kw}
+    w[which] = None
+    with pytest.raises(TypeError, match=rf"\b{which} must be a tensor\b"):
         _call(entry, q, k, cos, sin, pos, w["q_weight"], w["k_weight"])
 
 

@@ -3,9 +3,10 @@
 The op releases the GIL while its kernel runs, and the kernel itself splits the tokens over
 torch's intra-op threads (at::parallel_for), so calls from a thread pool really overlap: every
 thread runs several kinds of call (apply_rope, apply_rope_qk, in place, the raw op with
-inverse, forward + backward through autograd) on its own tensors, sharing one read-only
-cos/sin table, many times in a shuffled order; every result must equal, in its bits, the
-result of the same call made serially beforehand. torch.set_num_threads is left as it is.
+inverse, forward + backward through autograd, the fused QK-RMSNorm + RoPE and its
+gradients) on its own tensors, sharing one read-only cos/sin table, many times in a
+shuffled order; every result must equal, in its bits, the result of the same call made
+serially beforehand. torch.set_num_threads is left as it is.
 """
 
 import random
@@ -132,6 +133,38 @@ def _run_grad(a):
     return qo.detach(), ko.detach(), gq, gk
 
 
+def _make_norm_bf16(seed):
+    return dict(q=_randn((1, 200, 8, 128), torch.bfloat16, seed),
+                k=_randn((1, 200, 2, 128), torch.bfloat16, seed + 1),
+                qw=_randn((128,), torch.bfloat16, seed + 2),
+                kw=_randn((128,), torch.bfloat16, seed + 3))
+
+
+def _run_norm_bf16(a):
+    # The fused QK-RMSNorm + RoPE (Qwen3's per-head norm), rows s for token s.
+    return rope_ext.rms_norm_rope_qk(a["q"], a["k"], COS32, SIN32, q_weight=a["qw"],
+                                     k_weight=a["kw"])
+
+
+def _make_norm_grad(seed):
+    return dict(q=_randn((2, 48, 4, 64), torch.float32, seed),
+                k=_randn((2, 48, 2, 64), torch.float32, seed + 1),
+                qw=_randn((4 * 64,), torch.float32, seed + 2),
+                kw=_randn((2 * 64,), torch.float32, seed + 3),
+                pos=_positions((2, 48), ROWS, torch.int64, seed + 4))
+
+
+def _run_norm_grad(a):
+    # Across heads (OLMo 2), Gemma's 1 + w: the gradients of q, k and both weights (the
+    # weights' sums over tokens in fixed groups: the same bits whatever the threads).
+    leaves = [a[n].clone().requires_grad_() for n in ("q", "k", "qw", "kw")]
+    qo, ko = rope_ext.rms_norm_rope_qk(leaves[0], leaves[1], COS32[:, :32], SIN32[:, :32],
+                                       a["pos"], q_weight=leaves[2], k_weight=leaves[3],
+                                       across_heads=True, weight_offset=1.0)
+    grads = torch.autograd.grad(qo.square().sum() + (ko * 3).sum(), leaves)
+    return (qo.detach(), ko.detach()) + grads
+
+
 KINDS = [
     Kind("apply_rope bshd f32 positions", _make_bshd_f32, _run_bshd_f32),
     Kind("apply_rope bhsd bf16 interleaved", _make_bhsd_bf16, _run_bhsd_bf16),
@@ -140,6 +173,8 @@ KINDS = [
     Kind("apply_rope_qk thd f32 in place", _make_thd_f32, _run_thd_inplace),
     Kind("op strided f64 inverse", _make_strided_f64, _run_strided_inverse),
     Kind("apply_rope_qk autograd", _make_grad, _run_grad),
+    Kind("rms_norm_rope_qk bf16", _make_norm_bf16, _run_norm_bf16),
+    Kind("rms_norm_rope_qk autograd across heads", _make_norm_grad, _run_norm_grad),
 ]
 
 
