@@ -175,8 +175,10 @@ void inverse_rms_all(const T* squares, int64_t n, int64_t count, double eps, T* 
 
 // One head of x (unit stride; x's dtype or the math type), times r * w, rotated into y
 // (unit stride); x[r:] stored scaled but unrotated. The scaling rides on the rotation's
-// loads, and the stores bypass the cache when kStream (as the rotation's do).
-template <bool kStream, typename src_t, typename scalar_t>
+// loads, and the stores bypass the cache when kStream (as the rotation's do). With
+// kByR = false, r is not applied: the caller has folded it into c and s (fold_rstd), so the
+// head must be fully rotated (head_dim = 2 * pairs: no tail to scale by r).
+template <bool kStream, bool kByR = true, typename src_t, typename scalar_t>
 ROPE_HEAD_INLINE void scale_rotate_head(bool interleaved, const src_t* x, scalar_t* y,
                                         int64_t pairs, int64_t head_dim,
                                         const opmath_t<scalar_t>* c, const opmath_t<scalar_t>* s,
@@ -192,8 +194,13 @@ ROPE_HEAD_INLINE void scale_rotate_head(bool interleaved, const src_t* x, scalar
     V w_lo, w_hi;
     In::load(x + e, n, lo, hi);
     Weights::load(w + e, n, w_lo, w_hi);
-    lo = lo * vr * w_lo;
-    hi = hi * vr * w_hi;
+    if constexpr (kByR) {
+      lo = lo * vr * w_lo;
+      hi = hi * vr * w_hi;
+    } else {
+      lo = lo * w_lo;
+      hi = hi * w_hi;
+    }
   };
   const int64_t rot = 2 * pairs;
   if (interleaved) {
@@ -223,6 +230,20 @@ ROPE_HEAD_INLINE void scale_rotate_head(bool interleaved, const src_t* x, scalar
     V lo, hi;
     scaled(e, n, lo, hi);
     Out::template put<kStream>(y + e, n, lo, hi);
+  }
+}
+
+// c * r and s * r, n elements each, into cr and sr: with a norm across heads a token has one
+// rstd, which the table then carries, so each element of x is multiplied by its weight only
+// (a multiplication fewer per element than x * r * w).
+template <typename T>
+ROPE_HEAD_INLINE void fold_rstd(const T* c, const T* s, T r, int64_t n, T* cr, T* sr) {
+  using V = Vectorized<T>;
+  const V vr(r);
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t m = std::min<int64_t>(V::size(), n - i);
+    (V::loadu(c + i, m) * vr).store(cr + i, m);
+    (V::loadu(s + i, m) * vr).store(sr + i, m);
   }
 }
 
@@ -383,6 +404,7 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
                               opmath_t<scalar_t>* scratch, opmath_t<scalar_t>* folded) {
   using T = opmath_t<scalar_t>;
   const RopeProblem& p = np.rope;
+  const int64_t padded = padded_pairs<scalar_t>(p.pairs);
   for (int64_t tok = begin; tok < end; ++tok) {
     const int64_t b = tok / p.seq, s = tok % p.seq;
     const auto [c, sn] = table_row<scalar_t, table_t>(p, b, s, c_buf, s_buf);
@@ -409,18 +431,31 @@ void norm_rope_forward_tokens(const NormRopeProblem& np, int64_t begin, int64_t 
         continue;
       }
       if (h.in_stride_dim == 1 && h.out_stride_dim == 1 && D == 2 * p.pairs) {
-        // A norm across heads (OLMo 2) or interleaved pairs, at unit strides and a fixed head
-        // size: the weights differ per head (or the pairs interleave), so they are applied on
-        // the loads. A partially rotated head takes norm_rotate_head below: its run-time loop
-        // inlined here too made the fixed sizes' row 3-4% slower (docs/kernels.md).
+        // A norm across heads (OLMo 2) or interleaved pairs, at unit strides and a fully
+        // rotated head: the weights differ per head (or the pairs interleave), so they are
+        // applied on the loads; across heads the token's one rstd rides on its table instead
+        // (fold_rstd). A partially rotated head takes norm_rotate_head below: its run-time
+        // loop inlined here too made the fixed sizes' row 3-4% slower (docs/kernels.md).
         with_pairs<kFixedSizes<scalar_t, table_t>>(p.pairs, [&](auto pairs) {
           const auto head_dim = twice(pairs);
           token_inverse_rms(np, h, in, Size<1>{}, head_dim, tok, squares, rs, rstd_out);
+          if (np.across_heads) {
+            T* cr = folded;
+            T* sr = folded + padded;
+            fold_rstd(c, sn, rs[0], padded, cr, sr);
+            for (int64_t head = 0; head < h.heads; ++head) {
+              prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
+              scale_rotate_head<kStream, false>(p.interleaved, in + head * h.in_stride_head,
+                                                out + head * h.out_stride_head, pairs, head_dim, cr,
+                                                sr, T(1), scale + head * D);
+            }
+            return;
+          }
           for (int64_t head = 0; head < h.heads; ++head) {
             prefetch_row(next_in + head * h.in_stride_head, Size<1>{}, head_dim);
             scale_rotate_head<kStream>(p.interleaved, in + head * h.in_stride_head,
                                        out + head * h.out_stride_head, pairs, head_dim, c, sn,
-                                       rs[head], scale + (np.across_heads ? head * D : 0));
+                                       rs[head], scale);
           }
         });
         continue;
@@ -449,14 +484,14 @@ void norm_rope_forward(const NormRopeProblem& np) {
   const bool stream =
       !in_place && tokens * 2 * row * static_cast<int64_t>(sizeof(scalar_t)) >= kNormStreamBytes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (2 * row + 1));
-  const int64_t padded =
-      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  const int64_t padded = padded_pairs<scalar_t>(p.pairs);
   const int64_t heads = std::max(p.x[0].heads, p.x[p.num_x - 1].heads);
   const int64_t head_dim = std::max(p.x[0].head_dim, p.x[p.num_x - 1].head_dim);
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     LineAlignedBuffer<T, 256> c_buf(padded), s_buf(padded), scratch(head_dim);
     LineAlignedBuffer<T, 64> squares(heads), rs(heads);
-    LineAlignedBuffer<T, 512> folded(4 * p.pairs);
+    // The folded table: per-head weights' 4 * pairs, or across heads c * r and s * r (padded).
+    LineAlignedBuffer<T, 512> folded(std::max(4 * p.pairs, 2 * padded));
     if (stream) {
       norm_rope_forward_tokens<true, scalar_t, table_t>(np, begin, end, c_buf.data(), s_buf.data(),
                                                         squares.data(), rs.data(), scratch.data(),
@@ -593,8 +628,7 @@ void norm_rope_backward(const NormRopeProblem& np) {
   const RopeProblem& p = np.rope;  // inverse is set: table_row negates sin
   const int64_t tokens = p.batch * p.seq;
   const int64_t row = largest_row(p);
-  const int64_t padded =
-      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  const int64_t padded = padded_pairs<scalar_t>(p.pairs);
   at::parallel_for(0, np.groups, 1, [&](int64_t group_begin, int64_t group_end) {
     LineAlignedBuffer<T, 256> c_buf(padded), s_buf(padded);
     LineAlignedBuffer<T, 1024> ubuf(row), xbuf(row);

@@ -444,6 +444,14 @@ ROPE_HEAD_INLINE void with_head_sizes(int64_t pairs, int64_t head_dim, F&& f) {
   with_pairs<kSizes>(pairs, [&](auto fixed_pairs) { f(fixed_pairs, twice(fixed_pairs)); });
 }
 
+// The length of a table row buffer (c_buf, s_buf): pairs rounded up to whole vector blocks,
+// as a head's loop loads the table a block at a time.
+template <typename scalar_t>
+int64_t padded_pairs(int64_t pairs) {
+  constexpr int64_t kSize = Block<scalar_t>::kSize;
+  return (pairs + kSize - 1) / kSize * kSize;
+}
+
 // Whether a kernel instantiation compiles the fixed head sizes of with_pairs.
 template <typename scalar_t, typename table_t>
 constexpr bool kFixedSizes = !std::is_same_v<scalar_t, double> && !std::is_same_v<table_t, double>;
@@ -499,8 +507,7 @@ void rope_cpu_typed(const RopeProblem& p) {
       !in_place && tokens * work_per_token * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   // Enough elements per task that the thread hand-off is paid for.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / work_per_token);
-  const int64_t padded =
-      (p.pairs + Block<scalar_t>::kSize - 1) / Block<scalar_t>::kSize * Block<scalar_t>::kSize;
+  const int64_t padded = padded_pairs<scalar_t>(p.pairs);
 
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     // On the stack for every head size models use (a heap allocation costs a decode step).
