@@ -9,9 +9,9 @@ random values and positions, are copied out before the call, and are compared wi
 reference computed on just those tokens.
 
 The rotations (and the fused QK-RMSNorm + RoPE, last) run in place, so the module holds one
-4.3 GB buffer; the functional test adds
-its 4.3 GB output (8.6 GB peak). Each test skips, saying why, when /proc/meminfo reports too
-little available memory for it. Runtime is a few seconds per call on 2 cores.
+4.3 GB buffer; the functional test adds its 4.3 GB output (8.6 GB peak). Each test skips,
+saying why, when /proc/meminfo reports too little available memory for it. Runtime is a few
+seconds per call on 2 cores.
 """
 
 import time
@@ -147,7 +147,6 @@ def test_functional_past_2_31_elements(big):
         del out
     assert elapsed < TIME_LIMIT_S, \
         f"functional pass over {X_BYTES / GiB:.1f} GiB took {elapsed:.1f} s"
-
 
 
 def test_fused_norm_in_place_past_2_31_elements(big):
