@@ -202,10 +202,12 @@ struct NormHostRunner {
                 const NormItem it(np, base + ty);
                 T sums[32];
                 KeptRuns<T, N> kept[32];  // each lane's registers between the two phases
+                // The next item's hint first, as the device kernel gives it.
                 const int64_t next = base + stride + ty;
-                for (int lane = 0; lane < plan.block_x && plan.prefetch && next < plan.items;
-                     ++lane) {
-                  prefetch_item<scalar_t, N, A>(np, plan, next, lane);
+                if (plan.prefetch && next < plan.items) {
+                  for (int lane = 0; lane < plan.block_x; ++lane) {
+                    prefetch_item<scalar_t, N, A>(np, plan, next, lane);
+                  }
                 }
                 for (int lane = 0; lane < plan.block_x; ++lane) {
                   sums[lane] = np.backward
