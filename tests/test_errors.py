@@ -288,6 +288,11 @@ def test_unknown_layout(layout):
 RANK_VS_LAYOUT = [("bshd", (S, H, D)), ("bhsd", (S, H, D)), ("thd", (B, S, H, D)),
                   ("thd", (S, D)), ("bhsd", (B, H, S, D, 1))]
 
+# The shape each layout asks for, spelled out (an earlier message chained str.replace over
+# the layout's letters and garbled it: "[batcheahead_dims, ...]").
+LAYOUT_SHAPE = {"bshd": "[batch, seq, heads, head_dim]", "bhsd": "[batch, heads, seq, head_dim]",
+                "thd": "[tokens, heads, head_dim]"}
+
 
 # Every mismatch through apply_rope; two of them through each other wrapper.
 @pytest.mark.parametrize("entry,layout,shape", [("apply_rope", lay, sh)
@@ -299,12 +304,6 @@ def test_x_rank_does_not_match_layout(entry, layout, shape):
         call(entry, torch.randn(shape), positions=positions, layout=layout)
     assert re.search(word("layout"), str(info.value)), str(info.value)
     assert LAYOUT_SHAPE[layout] in str(info.value), str(info.value)
-
-
-# The shape each layout asks for, spelled out (an earlier message chained str.replace over
-# the layout's letters and garbled it: "[batcheahead_dims, ...]").
-LAYOUT_SHAPE = {"bshd": "[batch, seq, heads, head_dim]", "bhsd": "[batch, heads, seq, head_dim]",
-                "thd": "[tokens, heads, head_dim]"}
 
 
 @pytest.mark.parametrize("layout,shape", RANK_VS_LAYOUT)
