@@ -12,6 +12,14 @@ import torch
 ops = torch.ops.rope
 
 
+def _padded(in_dims, count):
+    """in_dims with an entry for each of the op's first `count` arguments. The dispatcher
+    leaves out trailing arguments that are at their defaults (positions=None of
+    ``apply(x, cos, sin)``), and in_dims has entries only for the arguments it passes: the
+    missing ones are not batched."""
+    return tuple(in_dims) + (None,) * (count - len(in_dims))
+
+
 def _lead(t, dim, n):
     """t with the vmapped dimension first (expanded when t is shared by the samples)."""
     return t.movedim(dim, 0) if dim is not None else t.expand((n,) + tuple(t.shape))
@@ -72,6 +80,7 @@ def _fold_call(info, in_dims, xs, cos, sin, positions, interleaved, inverse, inv
                attention_factor):
     """Calls apply (one x) or apply_qk (two) on the folded batch; returns per-sample outputs."""
     n = info.batch_size
+    in_dims = _padded(in_dims, len(xs) + 7)
     if inv_freq is not None and in_dims[len(xs) + 5] is not None:
         raise ValueError("rope: vmap over inv_freq is not supported; pass one inv_freq for all")
     xs, samples, cos, sin, positions = _fold(info, in_dims, xs, cos, sin, positions, inv_freq)
@@ -101,6 +110,7 @@ def _apply_qk_vmap(info, in_dims, q, k, cos, sin, positions=None, interleaved=Fa
 def _rms_norm_rope_qk_vmap(info, in_dims, q, k, cos, sin, positions, q_weight, k_weight,
                            eps=1e-6, across_heads=False, weight_offset=0.0, interleaved=False):
     n = info.batch_size
+    in_dims = _padded(in_dims, 7)
     if in_dims[5] is not None or in_dims[6] is not None:  # per-sample weights: one call each
         qw, kw = (_lead(w, d, n) for w, d in zip((q_weight, k_weight), in_dims[5:7]))
         per = [ops.rms_norm_rope_qk(

@@ -49,8 +49,8 @@ import torch
 import rope_ext
 from rope_ext.functional import apply_rope_qk
 
-__all__ = ["apply_rotary_pos_emb", "patch", "unpatch", "patched", "is_patched",
-           "SUPPORTED_MODEL_TYPES", "FUSED_MODEL_TYPES", "PatchResult"]
+__all__ = ["apply_rotary_pos_emb", "patch", "unpatch", "patched", "is_patched", "report",
+           "SUPPORTED_MODEL_TYPES", "FUSED_MODEL_TYPES", "PatchResult", "Report"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +412,12 @@ _PROBE_CONFIG = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=
 
 _fused_originals: Dict[str, Tuple[type, object]] = {}  # class name -> (class, its own forward)
 _fused_verified: Dict[str, Optional[str]] = {}  # class name -> None if verified, else why not
+# class name -> the forward function of the norm class the probe verified (q_norm's and k_norm's
+# class are the same one in every fused family)
+_fused_norm_forwards: Dict[str, object] = {}
+# class name -> why a call of its fused forward ran transformers' own forward instead (the
+# first reason seen; see _hooks_or_other_norms)
+_fallbacks: Dict[str, str] = {}
 
 
 def _class_name(mod, spec: _FusedSpec) -> str:
@@ -424,10 +430,47 @@ def _fused_op():
     return getattr(rope_ext, "rms_norm_rope_qk", None)
 
 
-def _fused_attention_forward(self, spec: _FusedSpec, mod, original, hidden_states,
-                             position_embeddings, attention_mask, past_key_values, kwargs):
+# torch's global module hooks (one dict object each, filled and emptied in place)
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+    "_global_backward_hooks"))
+
+
+def _norm_not_fusable(norm, verified_forward) -> Optional[str]:
+    """None if calling ``norm`` would run exactly its verified forward and nothing else; else
+    what would run besides (a hook) or instead (another class or forward)."""
+    if (norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks
+            or norm._backward_hooks):
+        return "a hook is registered on its q_norm or k_norm module"
+    if type(norm).forward is not verified_forward or "forward" in norm.__dict__:
+        return f"its {type(norm).__name__} is not the norm class verified at patch time"
+    return None
+
+
+def _hooks_or_other_norms(self, name: str) -> Optional[str]:
+    """Why the fused forward must not stand in for q_norm/k_norm in this call, or None.
+
+    The fused op computes the norms without calling the norm modules, so anything a call of
+    those modules would run besides their verified forward (module hooks: tensor parallel's
+    gradient all-reduce, PEFT, logging; global module hooks; a norm swapped for another class)
+    would be skipped: then transformers' own forward runs for the call, which calls them.
+    Without hooks this costs a few attribute reads per attention call (guards under
+    torch.compile)."""
+    verified = _fused_norm_forwards.get(name)
+    why = _norm_not_fusable(self.q_norm, verified) or _norm_not_fusable(self.k_norm, verified)
+    if why is None and any(_GLOBAL_HOOKS):
+        why = "a global module hook is registered (torch.nn.modules.module)"
+    if why is not None and name not in _fallbacks:
+        _fallbacks[name] = why
+    return why
+
+
+def _fused_attention_forward(self, spec: _FusedSpec, mod, name, original, hidden_states,
+                             position_embeddings, attention_mask, past_key_values, kwargs,
+                             honour_hooks=True):
     q_eps = getattr(self.q_norm, spec.eps_attr)
-    if q_eps != getattr(self.k_norm, spec.eps_attr):  # one eps per op call: not this layer
+    if (q_eps != getattr(self.k_norm, spec.eps_attr)  # one eps per op call: not this layer
+            or (honour_hooks and _hooks_or_other_norms(self, name))):
         return original(self, hidden_states, position_embeddings, attention_mask,
                         past_key_values, **kwargs)
     input_shape = hidden_states.shape[:-1]
@@ -473,12 +516,16 @@ def _fused_attention_forward(self, spec: _FusedSpec, mod, original, hidden_state
     return attn_output, attn_weights
 
 
-def _make_fused_forward(spec: _FusedSpec, mod, original):
+def _make_fused_forward(spec: _FusedSpec, mod, original, honour_hooks=True):
+    """The fused forward of spec.cls_name. honour_hooks=False (the patch-time probe only):
+    always the fused path, whatever hooks or norm classes the instance has."""
+    name = _class_name(mod, spec)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, **kwargs):
-        return _fused_attention_forward(self, spec, mod, original, hidden_states,
+        return _fused_attention_forward(self, spec, mod, name, original, hidden_states,
                                         position_embeddings, attention_mask, past_key_values,
-                                        kwargs)
+                                        kwargs, honour_hooks)
 
     forward.__qualname__ = f"{spec.cls_name}.forward"
     forward.__module__ = __name__
@@ -519,10 +566,17 @@ def _probe_norm(norm, spec: _FusedSpec, dim: int) -> Optional[str]:
     return None
 
 
-def _probe_fused(mod, spec: _FusedSpec) -> Optional[str]:
-    """None if the fused forward does what transformers' forward of spec.cls_name does, on a
-    tiny random instance (eval and train): the same q/k/v, mask and keyword arguments reach
-    the attention function, and the same output comes back; else why not."""
+def _probe_fused(mod, spec: _FusedSpec) -> Tuple[Optional[str], object]:
+    """(None, the norm class's forward) if the fused forward does what transformers' forward
+    of spec.cls_name does, on a tiny random instance (eval and train): the same q/k/v, mask
+    and keyword arguments reach the attention function, and the same output comes back;
+    else (why not, None)."""
+    why = _probe_fused_forward(mod, spec)
+    return (why, None) if isinstance(why, str) else (None, why)
+
+
+def _probe_fused_forward(mod, spec: _FusedSpec):
+    """_probe_fused's work: why not (a str), or the verified norm class's forward."""
     cls = getattr(mod, spec.cls_name, None)
     if not isinstance(cls, type) or not callable(cls.__dict__.get("forward")):
         return f"it has no class {spec.cls_name} with its own forward"
@@ -546,6 +600,8 @@ def _probe_fused(mod, spec: _FusedSpec) -> Optional[str]:
         return f"its {spec.cls_name} has no {', '.join(missing)}"
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     d = attn.head_dim
+    if type(attn.q_norm) is not type(attn.k_norm):
+        return "its q_norm and k_norm are of different classes"
     for norm, h in ((attn.q_norm, heads), (attn.k_norm, kv_heads)):
         why = _probe_norm(norm, spec, h * d if spec.across_heads else d)
         if why:
@@ -574,7 +630,7 @@ def _probe_fused(mod, spec: _FusedSpec) -> Optional[str]:
                             value.detach().clone(), attention_mask, dict(kw)))
         return real_eager(module, query, key, value, attention_mask, **kw)
 
-    fused = _make_fused_forward(spec, mod, original)
+    fused = _make_fused_forward(spec, mod, original, honour_hooks=False)
     mod.eager_attention_forward = recorder
     try:
         outs = []
@@ -604,13 +660,15 @@ def _probe_fused(mod, spec: _FusedSpec) -> Optional[str]:
     (oa, _), (ob, _) = outs[0], outs[1]  # outputs; the attention weights are not compared
     if oa.shape != ob.shape or not torch.allclose(oa, ob, rtol=1e-4, atol=1e-5):
         return f"its {spec.cls_name}.forward returns a different output than the fused forward"
-    return None
+    return type(attn.q_norm).forward
 
 
 def _check_fused(mod, spec: _FusedSpec) -> Optional[str]:
     name = _class_name(mod, spec)
     if name not in _fused_verified:
-        _fused_verified[name] = _probe_fused(mod, spec)
+        _fused_verified[name], norm_forward = _probe_fused(mod, spec)
+        if norm_forward is not None:
+            _fused_norm_forwards[name] = norm_forward
     return _fused_verified[name]
 
 
@@ -639,6 +697,7 @@ def _unpatch_fused(names: Iterable[str]) -> List[str]:
             if name not in _fused_originals:
                 continue
             cls, original = _fused_originals.pop(name)
+            _fallbacks.pop(name, None)
             if _is_fused(cls.__dict__.get("forward")):  # only what is still ours
                 cls.forward = original
                 restored.append(name)
@@ -757,8 +816,53 @@ def patch(model_type: Union[None, str, Sequence[str]] = None) -> PatchResult:
         except BaseException:
             _undo(acc.newly, acc.newly_fused)
             raise
+        _record(acc)
     return PatchResult(acc.modules, acc.newly, acc.skipped, acc.fused, acc.newly_fused,
                        acc.pending)
+
+
+# module or class name -> why patch() left it alone (as its last look at it found it)
+_left_alone: Dict[str, str] = {}
+
+
+def _record(acc: "_Acc") -> None:
+    """Keeps what a patch (or the import hook) left alone for report() (under _lock)."""
+    for name in acc.modules + acc.fused:
+        _left_alone.pop(name, None)
+    _left_alone.update(acc.skipped)
+
+
+class Report(NamedTuple):
+    """What rope_ext.hf has done to transformers (:func:`report`).
+
+    patched: modules whose ``apply_rotary_pos_emb`` is rope_ext's now.
+    fused: attention classes whose ``forward`` is the fused QK-norm + RoPE one now.
+    left_alone: module or class name -> why patch() left it as transformers wrote it.
+    fallbacks: fused attention class -> why some call of its forward ran transformers' own
+        forward instead of the fused op (a hook on q_norm/k_norm, a global module hook, or a
+        norm module of another class: the fused op would have skipped them). Those calls were
+        exactly transformers'; calls without the reason stay fused.
+    pending: modules not imported yet that will be patched when transformers imports them.
+    """
+    patched: Tuple[str, ...]
+    fused: Tuple[str, ...]
+    left_alone: Dict[str, str]
+    fallbacks: Dict[str, str]
+    pending: Tuple[str, ...]
+
+
+def report() -> Report:
+    """What is patched and fused now, what was left alone and why, and which fused attention
+    classes fell back to transformers' forward for hooks (see :class:`Report`)."""
+    import sys
+
+    with _lock:
+        patched = tuple(n for n in _originals if getattr(sys.modules.get(n), "apply_rotary_pos_emb",
+                                                         None) is apply_rotary_pos_emb)
+        fused = tuple(n for n, (cls, _) in _fused_originals.items()
+                      if _is_fused(cls.__dict__.get("forward")))
+        return Report(patched, fused, dict(_left_alone), dict(_fallbacks),
+                      tuple(_module_name(f) for f in sorted(_pending)))
 
 
 class _Acc:
@@ -821,7 +925,9 @@ class _PatchingLoader:
         with _lock:
             if self._fam in _pending:
                 _pending.discard(self._fam)
-                _patch_family(self._fam, module, None, _Acc())
+                acc = _Acc()
+                _patch_family(self._fam, module, None, acc)
+                _record(acc)
             if not _pending:
                 _remove_import_hook()
 

@@ -287,3 +287,107 @@ def test_norm_rope_double_backward_matches_composition(across):
 
     for g, w in zip(second(_norm_ours(across), ins), second(_norm_composed(across), ins_c)):
         torch.testing.assert_close(g, w)
+
+
+# --- vmap over every combination of batched, shared and None arguments, through the public
+# functions and the ops with their trailing defaults left out (the dispatcher then gives the
+# rule no in_dims entry for them): each against a Python loop over the samples, bit for bit.
+
+VMAP_N = 3
+POSITIONS_FORMS = ["omitted", "none", "shared", "batched"]
+
+
+def _vmap_args(positions, x_batched, table_batched):
+    """(per-call arguments, their in_dims) for the rotation: q, k, cos, sin[, positions]."""
+    g = torch.Generator().manual_seed(7)
+    rows = S if positions in ("omitted", "none") else S + 4  # row s for token s without positions
+
+    def sample(shape, batched, dtype=torch.float64, high=None):
+        full = (VMAP_N,) + shape if batched else shape
+        if high is not None:
+            return torch.randint(0, high, full, generator=g)
+        return torch.randn(full, generator=g, dtype=dtype)
+
+    q = sample((B, S, HQ, D), x_batched)
+    k = sample((B, S, HK, D), x_batched)
+    cos = sample((rows, R // 2), table_batched)
+    sin = sample((rows, R // 2), table_batched)
+    args, dims = [q, k, cos, sin], [0 if x_batched else None] * 2 + [0 if table_batched else None] * 2
+    if positions == "none":
+        args.append(None)
+        dims.append(None)
+    elif positions in ("shared", "batched"):
+        args.append(sample((B, S), positions == "batched", high=rows))
+        dims.append(0 if positions == "batched" else None)
+    return args, dims
+
+
+def _vmap_cases(extra_flags=1):
+    cases = []
+    for positions in POSITIONS_FORMS:
+        for flags in range(2 ** (2 + extra_flags)):
+            bits = [bool(flags >> i & 1) for i in range(2 + extra_flags)]
+            if not (any(bits) or positions == "batched"):
+                continue  # nothing batched: not a vmap
+            cases.append(pytest.param(positions, *bits, id=f"{positions}-" + "".join(
+                "b" if b else "s" for b in bits)))
+    return cases
+
+
+def _assert_vmap_equals_loop(fn, args, dims):
+    got = torch.func.vmap(fn, in_dims=tuple(dims))(*args)
+    want = _loop(fn, VMAP_N, *zip(args, dims))
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("positions,x_batched,table_batched", _vmap_cases(extra_flags=0))
+@pytest.mark.parametrize("entry", ["op", "function"])
+def test_vmap_apply_every_batching(entry, positions, x_batched, table_batched):
+    args, dims = _vmap_args(positions, x_batched, table_batched)
+    del args[1], dims[1]  # one tensor: q
+    if entry == "op":  # ops.apply(x, cos, sin) with positions left out when "omitted"
+        fn = ops.apply
+    else:
+        def fn(x, cos, sin, *pos):
+            return rope_ext.apply_rope(x, cos, sin, *pos)
+    _assert_vmap_equals_loop(fn, args, dims)
+
+
+@pytest.mark.parametrize("positions,x_batched,table_batched", _vmap_cases(extra_flags=0))
+@pytest.mark.parametrize("entry", ["op", "function"])
+def test_vmap_apply_qk_every_batching(entry, positions, x_batched, table_batched):
+    args, dims = _vmap_args(positions, x_batched, table_batched)
+    if entry == "op":
+        fn = ops.apply_qk
+    else:
+        def fn(q, k, cos, sin, *pos):
+            return rope_ext.apply_rope_qk(q, k, cos, sin, *pos)
+    _assert_vmap_equals_loop(fn, args, dims)
+
+
+@pytest.mark.parametrize("positions,x_batched,table_batched,weights_batched", _vmap_cases())
+@pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+def test_vmap_rms_norm_rope_qk_every_batching(positions, x_batched, table_batched,
+                                              weights_batched, across):
+    args, dims = _vmap_args(positions, x_batched, table_batched)
+    if len(args) == 4:  # the op takes positions before the weights: None it is
+        args.append(None)
+        dims.append(None)
+    g = torch.Generator().manual_seed(8)
+    for heads in (HQ, HK):
+        shape = (heads * D,) if across else (D,)
+        shape = (VMAP_N,) + shape if weights_batched else shape
+        args.append(torch.randn(shape, generator=g, dtype=torch.float64))
+        dims.append(0 if weights_batched else None)
+
+    def fn(q, k, cos, sin, pos, qw, kw):
+        return rope_ext.rms_norm_rope_qk(q, k, cos, sin, pos, q_weight=qw, k_weight=kw,
+                                         across_heads=across)
+    _assert_vmap_equals_loop(fn, args, dims)
+    if positions == "omitted":  # the op itself, its trailing defaults left out
+        _assert_vmap_equals_loop(
+            lambda q, k, cos, sin, pos, qw, kw: ops.rms_norm_rope_qk(
+                q, k, cos, sin, pos, qw, kw, 1e-6, across), args, dims)
