@@ -10,15 +10,19 @@ The ops are also reachable as torch.ops.rope.apply / apply_ / apply_qk / apply_q
 """
 
 from rope_ext import _ops  # noqa: F401  (registers the ops first)
+from rope_ext import context_parallel
+from rope_ext.axial import axial_cos_sin
 from rope_ext.functional import apply_rope, apply_rope_qk, rms_norm_rope_qk
 from rope_ext.module import RotaryEmbedding
 from rope_ext.mrope import mrope_cos_sin
+from rope_ext.packing import packed_positions
 from rope_ext.tables import cos_sin_table, rope_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = ["apply_rope", "apply_rope_qk", "rms_norm_rope_qk", "rope_frequencies", "cos_sin_table",
-           "RotaryEmbedding", "mrope_cos_sin", "hf"]
+           "RotaryEmbedding", "mrope_cos_sin", "axial_cos_sin", "packed_positions",
+           "context_parallel", "hf"]
 
 
 def __getattr__(name):

@@ -1,11 +1,12 @@
 """The functional API: rotate q and/or k given a cos/sin table."""
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from rope_ext._ops import ops
 from rope_ext.mrope import mrope_cos_sin
+from rope_ext.packing import positions_for
 
 LAYOUTS = ("bshd", "bhsd", "thd")
 
@@ -68,6 +69,26 @@ def _check_mrope_freq(mrope_section, inv_freq):
                          "build the table with enough rows")
 
 
+def _check_packed_args(layout, positions, cu_seqlens, seqlen_offsets, mrope_section=None):
+    """cu_seqlens and seqlen_offsets (one of them given) against the other arguments, before
+    x's shape is checked: a [tokens, heads, head_dim] x passed with cu_seqlens and the
+    default layout hears about the layout, not about its rank."""
+    if cu_seqlens is None:
+        if seqlen_offsets is not None:
+            raise ValueError("seqlen_offsets shifts the sequences of cu_seqlens: pass "
+                             "cu_seqlens too, or add the offsets to positions yourself")
+        return
+    if layout != "thd":
+        raise ValueError("cu_seqlens describes a packed batch: pass layout='thd' with x as "
+                         f"[tokens, heads, head_dim], got layout={layout!r}")
+    if positions is not None:
+        raise ValueError("pass either positions or cu_seqlens, not both: cu_seqlens gives "
+                         "every token its position (seqlen_offsets shifts each sequence)")
+    if mrope_section is not None:
+        raise ValueError("cu_seqlens is not supported with mrope_section: multimodal RoPE "
+                         "takes its [3, batch, seq] positions as positions")
+
+
 def _from_op_view(y: torch.Tensor, layout: str) -> torch.Tensor:
     return y.transpose(1, 2) if layout == "bhsd" else y
 
@@ -85,6 +106,8 @@ def apply_rope(
     mrope_interleaved: bool = False,
     inv_freq: Optional[torch.Tensor] = None,
     attention_factor: float = 1.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Union[torch.Tensor, int, None] = None,
 ) -> torch.Tensor:
     """Rotate x by the angles whose cosines and sines are `cos` and `sin`.
 
@@ -109,11 +132,34 @@ def apply_rope(
             ``[P, 2**31)`` gets the row ``cos_sin_table(inv_freq, ..., attention_factor)``
             would hold, computed in the kernel (float64 inv_freq of :func:`rope_frequencies`),
             instead of an error (CPU) or NaN (CUDA).
+        cu_seqlens: for a packed batch (``layout="thd"``), instead of positions: int32/int64
+            ``[num_seqs + 1]``, the cumulative sequence lengths as flash-attn's varlen
+            functions take them (0, then each sequence's end; equal neighbours are empty
+            sequences; the last entry is the token count), on x's device. Each sequence counts
+            its positions from 0. They are derived with torch ops on the device, without a host
+            sync (and without a graph break under torch.compile). A cu_seqlens of the wrong
+            shape, dtype or device raises ValueError. Its values are checked (ValueError) on
+            the CPU outside torch.compile only: on CUDA reading them would need a device sync,
+            and under torch.compile a graph break. Unchecked, a cu_seqlens that breaks the
+            rules makes every position -1 and reads nothing outside cu_seqlens; the op treats
+            -1 as any position outside the table (ValueError on the CPU, NaN on CUDA).
+        seqlen_offsets: with cu_seqlens, the position of each sequence's first token (a prompt
+            already in the KV cache): an int for all, or int32/int64 ``[num_seqs]``; token j
+            of sequence i then sits at ``seqlen_offsets[i] + j``. flash-attn's name for it.
 
     Returns:
         The rotated tensor, x's dtype, shape and device. Math is float32 (float64 for float64 x).
+
+    Example (a packed batch of three documents of 5, 0 and 7 tokens)::
+
+        cu_seqlens = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+        x = rope_ext.apply_rope(x, cos, sin, layout="thd", cu_seqlens=cu_seqlens)  # x: [12, h, d]
     """
+    if cu_seqlens is not None or seqlen_offsets is not None:  # a packed batch's sequences
+        _check_packed_args(layout, positions, cu_seqlens, seqlen_offsets, mrope_section)
     xv = _op_view(x, layout, "x")
+    if cu_seqlens is not None:
+        positions = positions_for(cu_seqlens, xv.shape[0], xv.device, seqlen_offsets, "x")
     _check_mrope_freq(mrope_section, inv_freq)
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
@@ -141,21 +187,30 @@ def apply_rope_qk(
     mrope_interleaved: bool = False,
     inv_freq: Optional[torch.Tensor] = None,
     attention_factor: float = 1.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Union[torch.Tensor, int, None] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k together, in one kernel pass; see :func:`apply_rope` for the arguments.
 
     q and k share the token dimensions and the dtype; their head counts may differ
-    (grouped-query attention) and so may their head_dim, as long as both hold r.
+    (grouped-query attention) and so may their head_dim, as long as both hold r. A packed
+    batch (``layout="thd"``) may pass ``cu_seqlens=`` (and ``seqlen_offsets=``) instead of
+    positions, as for :func:`apply_rope`.
     """
     if (layout == "bshd" and mrope_section is None and not inplace and type(q) is torch.Tensor
-            and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4):
+            and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4
+            and cu_seqlens is None and seqlen_offsets is None):
         # The common call, straight to the op: per call, Python costs more than the kernel.
         if inv_freq is None:
             return ops.apply_qk(q, k, cos, sin, positions, interleaved)
         return ops.apply_qk(q, k, cos, sin, positions, interleaved, False, inv_freq,
                             attention_factor)
+    if cu_seqlens is not None or seqlen_offsets is not None:  # a packed batch's sequences
+        _check_packed_args(layout, positions, cu_seqlens, seqlen_offsets, mrope_section)
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
+    if cu_seqlens is not None:
+        positions = positions_for(cu_seqlens, qv.shape[0], qv.device, seqlen_offsets, "q")
     _check_mrope_freq(mrope_section, inv_freq)
     if mrope_section is not None:
         cos, sin = mrope_cos_sin(cos, sin, positions, mrope_section, mrope_interleaved)
@@ -185,6 +240,8 @@ def rms_norm_rope_qk(
     interleaved: bool = False,
     layout: str = "bshd",
     inplace: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Union[torch.Tensor, int, None] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RMS-normalize q and k, scale them, and rotate them, in one pass (Qwen3, OLMo 2, Gemma 3).
 
@@ -203,6 +260,8 @@ def rms_norm_rope_qk(
         across_heads: normalize over heads * head_dim of each token instead of each head.
         weight_offset: added to the weights: 1.0 for Gemma's ``x * (1 + weight)``.
         inplace: write the results into q and k and return them (inference: not differentiable).
+        cu_seqlens, seqlen_offsets: a packed batch's sequences (``layout="thd"``) instead of
+            positions, as for :func:`apply_rope`.
 
     Returns:
         ``(q_out, k_out)``, with q's and k's dtypes, shapes and devices.
@@ -213,8 +272,12 @@ def rms_norm_rope_qk(
                                          q_weight=attn.q_norm.weight, k_weight=attn.k_norm.weight,
                                          eps=config.rms_norm_eps)
     """
+    if cu_seqlens is not None or seqlen_offsets is not None:  # a packed batch's sequences
+        _check_packed_args(layout, positions, cu_seqlens, seqlen_offsets)
     qv = _op_view(q, layout, "q")
     kv = _op_view(k, layout, "k")
+    if cu_seqlens is not None:
+        positions = positions_for(cu_seqlens, qv.shape[0], qv.device, seqlen_offsets, "q")
     if _is_dtensor(qv):
         cos, sin, positions, _ = _distributed_args(qv, cos, sin, positions)
         q_weight, k_weight = _replicated(qv, q_weight, k_weight)

@@ -91,18 +91,25 @@ class RotaryEmbedding(nn.Module):
 
     @classmethod
     def from_hf_config(cls, config, *, layout: str = "bshd",
-                       layer_type: str = "full_attention") -> "RotaryEmbedding":
+                       layer_type: Optional[str] = None) -> "RotaryEmbedding":
         """The rotary embedding of a transformers model, from its config.
 
         Args:
             config: a transformers ``PretrainedConfig`` or a plain dict of its fields
-                (Llama 2/3/3.1, Mistral, Qwen2, Qwen2-VL, Phi-3, GPT-NeoX, GPT-J, Gemma, ...).
+                (Llama 2/3/3.1, Mistral, Qwen2, Qwen2-VL, Phi-3, GPT-NeoX, GPT-J, Gemma 1-4, ...).
             layout: layout of the q and k the module will get.
-            layer_type: for configs with one rope dict per layer type (Gemma 2/3).
+            layer_type: the layer type whose rotary embedding to build, for configs with one
+                rope dict per layer type (Gemma 2/3/4: "sliding_attention",
+                "full_attention"); it also picks that layer type's own head_dim (Gemma 4's
+                full-attention layers). Such a config without it, or with a layer type it
+                does not have, raises ValueError naming the available ones. Configs with
+                one rope dict ignore it.
 
         Reads head_dim, partial rotary (``partial_rotary_factor``, GPT-NeoX ``rotary_pct``,
         GPT-J ``rotary_dim``), rope_theta, the scaling dict (``rope_parameters`` or the
-        legacy ``rope_scaling``), max_position_embeddings and MRoPE's mrope_section.
+        legacy ``rope_scaling``), max_position_embeddings and MRoPE's mrope_section. With
+        rope_type "proportional" the table spans the whole head (its partial factor is a
+        scaling key: the other pairs have frequency 0).
         """
         kw = hf_config.rotary_kwargs(config, layer_type)
         return cls(layout=layout, **kw)

@@ -5,6 +5,9 @@ registry ``_TYPES``; ``cfg`` is the scaling dict with transformers' key names an
 All arithmetic is float64; transformers computes the same formulas in float32, so its
 vectors equal ours rounded to float32, up to the few ulps its own float32 steps lose.
 
+For "proportional" the rotary dim is the whole head: its table has head_dim / 2 pairs, of
+which only the first partial_rotary_factor rotate (the others have frequency 0).
+
 Two types change with the sequence length at run time. For those, the static table is the
 one transformers builds at init (dynamic: the default frequencies; longrope: the short
 factors), and :func:`dynamic_inv_freq` / :func:`longrope_inv_freq` give the others.
@@ -212,8 +215,30 @@ def _llama3(r: int, base: float, cfg: dict) -> Tuple[torch.Tensor, float]:
     return out, 1.0
 
 
+def _proportional(r: int, base: float, cfg: dict) -> Tuple[torch.Tensor, float]:
+    """Proportional RoPE (Gemma 4's full-attention layers): r is the whole head here.
+
+    The first ``n = int(partial_rotary_factor * r // 2)`` pairs rotate at
+    ``base ** (-2i / r)`` (exponents over the whole head, not over 2n), the other pairs have
+    frequency 0 (cos 1, sin 0: they pass through), and all are divided by ``factor``.
+    """
+    fraction = _number(cfg, "partial_rotary_factor", "proportional", default=1.0, positive=False)
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"scaling['partial_rotary_factor'] must lie in [0, 1] for rope_type "
+                         f"'proportional' (the fraction of the head's pairs that rotate), got "
+                         f"{fraction!r}")
+    factor = _number(cfg, "factor", "proportional", default=1.0)
+    # transformers' own rounding (floor of the float product), so that a fraction that does
+    # not split the head evenly rotates the same number of pairs.
+    rotated = int(fraction * r // 2)
+    inv_freq = torch.zeros(r // 2, dtype=torch.float64)
+    exponent = torch.arange(0, 2 * rotated, 2, dtype=torch.float64) / r
+    inv_freq[:rotated] = base ** (-exponent)
+    return inv_freq / factor, 1.0
+
+
 _TYPES = {"default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn,
-          "longrope": _longrope, "llama3": _llama3}
+          "longrope": _longrope, "llama3": _llama3, "proportional": _proportional}
 
 
 # ---------------------------------------------------------------------------------------------

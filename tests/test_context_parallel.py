@@ -152,6 +152,28 @@ def test_index_helpers():
     assert thd_zigzag_index((4, 8), 0, 2).tolist() == [0, 3, 4, 5, 10, 11]
 
 
+def test_library_helpers_agree():
+    """rope_ext.context_parallel and cu_seqlens give the indices and positions written out
+    above (tests/test_cp_layouts.py tests them on their own, on 4 gloo ranks)."""
+    from rope_ext import context_parallel as cp
+    from rope_ext.packing import packed_positions
+
+    cu = torch.tensor([0, *THD_LENGTHS]).cumsum(0)
+    for rank in range(WORLD):
+        assert torch.equal(cp.token_indices(S, WORLD, rank, layout="contiguous"),
+                           contiguous_index(S, rank, WORLD))
+        assert torch.equal(cp.token_indices(S, WORLD, rank, layout="zigzag"),
+                           zigzag_index(S, rank, WORLD))
+        assert torch.equal(cp.token_indices(cu, WORLD, rank, layout="zigzag"),
+                           thd_zigzag_index(THD_LENGTHS, rank, WORLD))
+    thd_pos = _inputs(torch.float32)[3]["pos"]
+    offsets = 7 * torch.arange(len(THD_LENGTHS))
+    assert torch.equal(packed_positions(cu, seqlen_offsets=offsets), thd_pos)
+    for rank in range(WORLD):
+        assert torch.equal(cp.positions(cu, WORLD, rank, layout="zigzag", seqlen_offsets=offsets),
+                           thd_pos[thd_zigzag_index(THD_LENGTHS, rank, WORLD)])
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with the gloo backend is not available")
 def test_context_parallel_shards_match_unsharded(tmp_path):

@@ -7,6 +7,8 @@ one comparison, which tests/test_hf_models.py uses too).
 
 Attention factors are Python floats in both, computed by the same formulas: they agree to
 1e-12. The worked numbers of docs/math.md section 9 are checked independently of transformers.
+proportional's zero-frequency pairs must match transformers' exactly (a relative error is
+undefined there). Per-layer configs (Gemma 4) are in tests/test_scaling_layers.py.
 """
 
 import math
@@ -17,7 +19,7 @@ import transformers  # only the tests use it: rope_ext never imports it
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import rope_ext
-from reference import assert_inv_freq_matches
+from reference import assert_inv_freq_matches, hf_inv_freq_rel_bound
 from rope_ext.scaling import default_inv_freq, dynamic_inv_freq, longrope_inv_freq
 
 transformers.logging.set_verbosity_error()  # validation warnings about our unusual test keys
@@ -178,6 +180,97 @@ def test_the_comparison_is_tight():
     shifted, _ = ours_of(dict(params, truncate=False), 128)   # ramp 23.60..39.65, not 23..40
     with pytest.raises(AssertionError):
         assert_inv_freq_matches(shifted, theirs, 1e6, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# proportional (Gemma 4's full-attention layers): a table over the whole head whose last pairs
+# have frequency 0. The zeros must match exactly; the rotated pairs as for the other types.
+# ---------------------------------------------------------------------------------------------
+
+
+def proportional_reference(head_dim, base, factor, rotated):
+    """float64: base ** (-2i / head_dim) / factor for the first `rotated` pairs, then zeros."""
+    out = [base ** (-2 * i / head_dim) / factor if i < rotated else 0.0
+           for i in range(head_dim // 2)]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def assert_proportional_matches(ours, theirs, base, head_dim):
+    """transformers' zero pairs exactly, its rotated pairs to its float32 rounding."""
+    assert ours.dtype == torch.float64 and theirs.dtype == torch.float32
+    assert ours.shape == theirs.shape == (head_dim // 2,)
+    rotated = int((theirs != 0).sum())
+    assert torch.equal(theirs[rotated:], torch.zeros(head_dim // 2 - rotated))  # a zero tail
+    assert torch.equal(ours[rotated:], torch.zeros(head_dim // 2 - rotated, dtype=torch.float64))
+    rel = ((ours[:rotated] - theirs[:rotated].double()) / theirs[:rotated].double()).abs()
+    bound = hf_inv_freq_rel_bound(base, head_dim)[:rotated]
+    assert (rel <= bound).all(), (rel - bound).max().item()
+    return rotated
+
+
+# (id, head_dim, rope_theta, factor or None (absent), partial_rotary_factor or None (absent),
+#  partial factor given at the config's top level instead of in the dict)
+PROPORTIONAL = [
+    ("gemma4-full", 512, 1e6, None, 0.25, False),
+    ("factor-8-d256", 256, 1e6, 8.0, 0.25, False),
+    ("half-d128", 128, 10000.0, 1.0, 0.5, False),
+    ("r96-factor2", 96, 10000.0, 2.0, 0.75, False),          # 2i / 96 is inexact in float32
+    ("fraction-absent", 64, 500000.0, 4.0, None, False),     # default 1: every pair rotates
+    ("fraction-1", 64, 10000.0, None, 1.0, False),
+    ("fraction-0", 64, 10000.0, None, 0.0, False),           # no pair rotates
+    ("floor-0.1-d64", 64, 10000.0, None, 0.1, False),        # 6.4 // 2: 3 pairs
+    ("floor-0.3-d80", 80, 10000.0, 1.5, 0.3, False),         # 24.000000000000004 // 2: 12
+    ("floor-0.33-d100", 100, 10000.0, None, 0.33, False),    # 33.0 // 2: 16
+    ("top-level-fraction", 256, 1e6, 2.0, 0.25, True),
+]
+
+
+@pytest.mark.parametrize("case", PROPORTIONAL, ids=[c[0] for c in PROPORTIONAL])
+def test_proportional_matches_transformers(case):
+    _, head_dim, base, factor, fraction, top_level = case
+    params = {"rope_type": "proportional", "rope_theta": base}
+    scaling = {"rope_type": "proportional"}
+    if factor is not None:
+        params["factor"] = scaling["factor"] = factor
+    if fraction is not None:
+        scaling["partial_rotary_factor"] = fraction
+        if not top_level:
+            params["partial_rotary_factor"] = fraction
+    config = hf_config(head_dim, 8192, params, fraction if top_level else None)
+    theirs, their_factor = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu")
+    # r is the whole head: the partial factor is a scaling key, not a smaller rotary dim.
+    ours, our_factor = rope_ext.rope_frequencies(head_dim, base, scaling)
+    rotated = assert_proportional_matches(ours, theirs, base, head_dim)
+    assert rotated == int((1.0 if fraction is None else fraction) * head_dim // 2)
+    assert_factor(our_factor, their_factor)
+    assert our_factor == 1.0
+    reference = proportional_reference(head_dim, base, factor or 1.0, rotated)
+    torch.testing.assert_close(ours, reference, rtol=4e-16, atol=0)
+
+
+def test_proportional_comparison_is_tight():
+    # One pair too many or too few, and a 10-ulp error, must fail the comparison.
+    config = hf_config(256, 8192, {"rope_type": "proportional", "rope_theta": 1e6,
+                                   "partial_rotary_factor": 0.25})
+    theirs, _ = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu")
+    for wrong in (proportional_reference(256, 1e6, 1.0, 31),
+                  proportional_reference(256, 1e6, 1.0, 33),
+                  proportional_reference(256, 1e6, 1.0, 32) * (1 + 10 * 2.0**-24)):
+        with pytest.raises(AssertionError):
+            assert_proportional_matches(wrong, theirs, 1e6, 256)
+
+
+def test_documented_proportional():
+    # docs/math.md section 9.8: Gemma 4's full-attention layers, head_dim 512, base 1e6,
+    # fraction 0.25: pairs 0..63 of 256 rotate; pair 63 at 1e6 ** (-126 / 512).
+    inv, factor = rope_ext.rope_frequencies(
+        512, 1e6, {"rope_type": "proportional", "partial_rotary_factor": 0.25})
+    assert factor == 1.0 and inv.shape == (256,)
+    assert bool((inv[:64] > 0).all()) and bool((inv[64:] == 0).all())
+    assert inv[1].item() == pytest.approx(0.94746353, rel=1e-8)
+    assert inv[63].item() == pytest.approx(3.3376247e-2, rel=1e-7)
+    # Not a partial rotary over 128 dims: that divides the exponent by 128, not 512.
+    assert inv[1].item() != pytest.approx(1e6 ** (-2 / 128), rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +507,16 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
     ({"rope_type": "yarn", "original_max_position_embeddings": 4096,
       "max_position_embeddings": 0}, "max_position_embeddings"),
     ({"rope_type": "dynamic", "factor": float("inf")}, "factor"),
+    ({"rope_type": "proportional", "partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+    ({"rope_type": "proportional", "partial_rotary_factor": -0.25}, "partial_rotary_factor"),
+    ({"rope_type": "proportional", "partial_rotary_factor": float("nan")},
+     "partial_rotary_factor"),
+    ({"rope_type": "proportional", "partial_rotary_factor": "0.25"}, "partial_rotary_factor"),
+    ({"rope_type": "proportional", "partial_rotary_factor": True}, "partial_rotary_factor"),
+    ({"rope_type": "proportional", "factor": 0.0}, "factor"),
+    ({"rope_type": "proportional", "factor": -2.0}, "factor"),
+    ({"rope_type": "proportional", "factor": float("inf")}, "factor"),
+    ({"rope_type": "proportional", "factor": "2"}, "factor"),
 ])
 def test_bad_scaling_value(scaling, key):
     with pytest.raises(ValueError, match=f"'{key}'"):
