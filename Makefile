@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch, from pip's local wheel store (no multi-GB download).
 TORCH_SPEC ?= torch==2.13.0
 # transformers is a test and benchmark dependency only: the package never imports it.
-DEPS   := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelerate==1.16.0 setuptools wheel
+DEPS   := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelerate==1.16.0 diffusers==0.42.1 setuptools wheel
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # The CUDA kernel is compiled (not run: no GPU here) against the CUDA build of
@@ -56,7 +56,7 @@ PY_SOURCES  := $(filter-out rope_ext/_build_info.py,$(wildcard rope_ext/*.py))
 # A clean venv holding the torch the CPU wheel is built for and the test tools; no
 # build: the wheel goes in as a user would install it.
 VENV_WHEEL ?= .venv-wheel
-TEST_DEPS  := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelerate==1.16.0
+TEST_DEPS  := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelerate==1.16.0 diffusers==0.42.1
 # Where the suite runs against the installed wheel: tests/, README.md (tests/test_readme.py
 # runs its code blocks) and pyproject.toml (pytest's settings), copied; no rope_ext/.
 WHEEL_TEST_DIR ?= build/wheel-test
