@@ -52,7 +52,7 @@ WHEEL_CUDA  := $(filter 1,$(ROPE_EXT_CUDA))
 WHEEL_VENV  := $(if $(WHEEL_CUDA),$(VENV_CUDA),$(VENV))
 WHEEL_BUILD := build/wheel-$(if $(WHEEL_CUDA),cuda,cpu)
 WHEEL_ENV    = $(if $(WHEEL_CUDA),CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)")
-PY_SOURCES  := $(filter-out rope_ext/_build_info.py,$(wildcard rope_ext/*.py))
+PY_SOURCES  := $(filter-out rope_ext/_build_info.py,$(wildcard rope_ext/*.py rope_ext/*/*.py))
 # A clean venv holding the torch the CPU wheel is built for and the test tools; no
 # build: the wheel goes in as a user would install it.
 VENV_WHEEL ?= .venv-wheel

@@ -42,7 +42,12 @@ def _module(fam):
     return importlib.import_module(f"transformers.models.{fam}.modeling_{fam}")
 
 
-for _fam in hf.SUPPORTED_MODEL_TYPES:
+# Families whose apply_rotary_pos_emb has the Llama meaning (full or partial rotary), each
+# exercised on a tiny random model below; tests/test_hf_families.py covers every patched type.
+FAMILIES = ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+            "gemma2", "gemma3", "granite", "granitemoe", "starcoder2", "olmoe", "smollm3",
+            "falcon", "phi", "stablelm", "persimmon", "phi3", "gpt_neox", "nemotron"]
+for _fam in FAMILIES:
     _mod = _module(_fam)
     TRUE_ORIGINALS[_mod.__name__] = _mod.apply_rotary_pos_emb
 
@@ -61,16 +66,16 @@ def _clean_patch_state():
 
 @pytest.fixture
 def count_calls(monkeypatch):
-    """Counts the fused op calls made by rope_ext.hf.apply_rotary_pos_emb (it looks up
+    """Counts the op calls made by rope_ext.hf.apply_rotary_pos_emb (rope_ext.hf.forms looks up
     apply_rope_qk in its module at call time)."""
     calls = []
-    real = hf.apply_rope_qk
+    real = hf.forms.apply_rope_qk
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "apply_rope_qk", counting)
+    monkeypatch.setattr(hf.forms, "apply_rope_qk", counting)
     return calls
 
 
@@ -314,29 +319,24 @@ def test_import_does_not_load_transformers():
 
 
 def test_patch_names_what_it_patched_and_unpatch_restores_originals():
-    _module("olmo2")  # with TRUE_ORIGINALS' imports: every supported module, none pending
-    result = hf.patch()
+    _module("olmo2")
+    expected = [f"transformers.models.{f}.modeling_{f}" for f in FAMILIES]
+    result = hf.patch()  # every discovered module: the imported ones now
     fused = [f"transformers.models.{f}.modeling_{f}.{s.cls_name}"
              for f, s in hf.FUSED_MODEL_TYPES.items()]
-    if hasattr(rope_ext, "rms_norm_rope_qk"):
-        assert result.skipped == {}  # every supported family passed the checks
-        assert sorted(result.fused) == sorted(fused)
-    else:  # the fused QK-norm forwards need the op
-        assert sorted(result.skipped) == sorted(fused) and result.fused == ()
-    assert result.pending == ()
-    expected = [f"transformers.models.{f}.modeling_{f}" for f in hf.SUPPORTED_MODEL_TYPES]
-    assert list(result) == expected and list(result.newly_patched) == expected
+    assert sorted(result.fused) == sorted(fused)
+    assert not any(k.startswith(tuple(expected)) for k in result.skipped), result.skipped
     for name in expected:
+        assert name in result and name in result.newly_patched
         assert sys.modules[name].apply_rotary_pos_emb is hf.apply_rotary_pos_emb
-    for fam in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox"):
-        assert f"transformers.models.{fam}.modeling_{fam}" in result
+    assert set(result) == set(hf.report().patched)
     again = hf.patch()  # idempotent: nothing new, originals kept
-    assert list(again) == expected and again.newly_patched == ()
+    assert set(again) == set(result) and again.newly_patched == ()
     restored = hf.unpatch()  # the modules, and the fused attention classes
-    assert sorted(restored) == sorted(expected + list(result.fused))
+    assert sorted(restored) == sorted(set(result) | set(result.fused))
     for name in expected:
         assert sys.modules[name].apply_rotary_pos_emb is TRUE_ORIGINALS[name]
-    assert hf.unpatch() == []
+    assert hf.unpatch() == [] and not hf.report().patched
 
 
 def test_patch_by_name_list_alias_and_partial_unpatch():
@@ -355,21 +355,35 @@ def test_patch_by_name_list_alias_and_partial_unpatch():
 def test_patch_rejects_unknown_and_unsupported_model_types():
     with pytest.raises(ValueError, match="model_type 'not_a_model'"):
         hf.patch("not_a_model")
-    with pytest.raises(ValueError, match="model_type 'cohere'.*interleaved"):
-        hf.patch(["llama", "cohere"])
-    with pytest.raises(TypeError, match="model_type"):
+    # SAM 2 video's RoPE functions (2-D, keys partly unrotated) are none of the forms
+    with pytest.raises(RuntimeError, match="model_type .sam2_video.*none of the verified forms"):
+        hf.patch(["llama", "sam2_video"])
+    with pytest.raises(TypeError, match="model_types"):
         hf.patch(7)
     assert not hf.is_patched("llama")  # nothing patched by a refused call
 
 
 def test_source_check_refuses_a_different_meaning():
-    """The form check in patch() is able to say no: transformers' Cohere function (interleaved
-    pairing) is not the Llama form, and Llama's is not GPT-NeoX's partial form."""
-    hf._verified.clear()
-    assert hf._check_module(_module("cohere"), "full") is not None
-    assert hf._check_module(_module("llama"), "partial (GPT-NeoX)") is not None
-    assert hf._check_module(_module("gpt_neox"), "partial (GPT-NeoX)") is None
-    hf._verified.clear()
+    """The form check is able to say no: Llama's function with an adjacent-pairs rotate_half
+    (Cohere's) is not the Llama form, and a changed expression is no form at all."""
+    import ast
+    import inspect
+
+    from rope_ext.hf import registry
+
+    src = inspect.getsource(_module("llama"))
+    matched, left = registry.verify(ast.parse(src))
+    assert list(matched) == ["apply_rotary_pos_emb"] and left == {}
+    cohere_rotate = inspect.getsource(_module("cohere").rotate_half)
+    llama_rotate = inspect.getsource(_module("llama").rotate_half)
+    matched, left = registry.verify(ast.parse(src.replace(llama_rotate, cohere_rotate)))
+    assert matched == {} and "rotate_half is not the one" in left["apply_rotary_pos_emb"]
+    changed = src.replace("q_embed = (q * cos) + (rotate_half(q) * sin)",
+                          "q_embed = (q * cos) - (rotate_half(q) * sin)")
+    assert changed != src
+    matched, left = registry.verify(ast.parse(changed))
+    assert matched == {} and left == {"apply_rotary_pos_emb": "its code is none of the verified "
+                                                              "forms"}
 
 
 def test_context_managers():
@@ -422,7 +436,7 @@ def run_counting_original(monkeypatch, fam, fn):
     return out, len(calls)
 
 
-@pytest.mark.parametrize("fam", list(hf.SUPPORTED_MODEL_TYPES))
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_every_supported_family_eager(fam, monkeypatch, count_calls):
     model = tiny_model(fam).eval()
     ids, pos = inputs()
@@ -524,9 +538,11 @@ def test_patch_everything_imports_nothing_and_hooks_later_imports():
 
     code = """if True:
         import sys, rope_ext.hf as hf
+        from rope_ext.hf import registry
         r = hf.patch()
         assert "transformers" not in sys.modules, "patch() imported transformers"
-        assert list(r) == [] and len(r.pending) == len(hf._all_families()), r.pending
+        assert list(r) == [] and r.pending == registry.discovered(), r.pending
+        assert len(r.pending) > 150
         from transformers.models.llama import modeling_llama
         from transformers.models.gpt_neox import modeling_gpt_neox
         assert modeling_llama.apply_rotary_pos_emb is hf.apply_rotary_pos_emb
@@ -534,13 +550,13 @@ def test_patch_everything_imports_nothing_and_hooks_later_imports():
         assert "transformers.models.qwen2.modeling_qwen2" not in sys.modules
         assert sorted(hf.unpatch()) == [modeling_gpt_neox.__name__, modeling_llama.__name__]
         assert modeling_llama.apply_rotary_pos_emb is not hf.apply_rotary_pos_emb
-        assert hf._hook not in sys.meta_path
+        assert registry.hook not in sys.meta_path
         from transformers.models.qwen2 import modeling_qwen2  # imported after unpatch: left alone
         assert modeling_qwen2.apply_rotary_pos_emb is not hf.apply_rotary_pos_emb
         with hf.patched():
             from transformers.models.mistral import modeling_mistral
             assert hf.is_patched("mistral")
-        assert not hf.is_patched("mistral") and hf._hook not in sys.meta_path
+        assert not hf.is_patched("mistral") and registry.hook not in sys.meta_path
     """
     subprocess.run([sys.executable, "-c", code], check=True)
 

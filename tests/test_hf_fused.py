@@ -188,7 +188,7 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
             rq, rk = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2))
         ref_q, ref_k = TRUE_APPLY[fam](rq, rk, cos, sin)
 
-        c, s = hf._table_from_hf(cos, sin, seq)
+        c, s = hf.forms.table_from_hf(cos, sin, seq)
         eps = getattr(attn.q_norm, spec.eps_attr)
         out_q, out_k = rope_ext.rms_norm_rope_qk(
             q, k, c, s, q_weight=attn.q_norm.weight, k_weight=attn.k_norm.weight, eps=eps,
@@ -249,13 +249,14 @@ def test_unpatch_and_patched_restore_the_exact_forwards():
     assert set(r.fused) == set(CLASS_NAME.values())
     for f in FAMS:
         assert CLASSES[f].__dict__["forward"] is not TRUE_FORWARD[f]
-    # OLMo 2's own apply_rotary_pos_emb casts back to q's dtype: not replaced.
-    assert MODULES["olmo2"].apply_rotary_pos_emb is TRUE_APPLY["olmo2"]
-    assert MODULES["qwen3"].apply_rotary_pos_emb is hf.apply_rotary_pos_emb  # kept as well
+    # each module's own function is replaced as well (OLMo 2's casts back to q's dtype)
+    assert MODULES["olmo2"].apply_rotary_pos_emb is hf.forms.apply_rotary_pos_emb_cast_back
+    assert MODULES["qwen3"].apply_rotary_pos_emb is hf.apply_rotary_pos_emb
     again = hf.patch("qwen3")  # idempotent, the true original kept
     assert again.newly_fused == () and again.fused == (CLASS_NAME["qwen3"],)
     restored = hf.unpatch("olmo2")
-    assert restored == [CLASS_NAME["olmo2"]] and not hf.is_patched("olmo2")
+    assert restored == [MODULES["olmo2"].__name__, CLASS_NAME["olmo2"]]
+    assert not hf.is_patched("olmo2")
     assert CLASSES["olmo2"].__dict__["forward"] is TRUE_FORWARD["olmo2"]
     restored = hf.unpatch()
     assert set(restored) == {CLASS_NAME["qwen3"], CLASS_NAME["gemma3"],
@@ -277,14 +278,15 @@ def _norm_with_mean_subtracted(self, x):  # a LayerNorm, not an RMSNorm
 
 
 def test_refuses_a_transformers_whose_norm_differs(monkeypatch):
-    monkeypatch.setattr(hf, "_fused_verified", {})
+    monkeypatch.setattr(hf.fused, "_fused_verified", {})
     monkeypatch.setattr(MODULES["olmo2"].Olmo2RMSNorm, "forward", _norm_with_mean_subtracted)
     with pytest.raises(RuntimeError, match=r"olmo2.*Olmo2RMSNorm does not compute x \* rsqrt"):
         hf.patch(["qwen3", "olmo2"])
     assert not hf.is_patched("qwen3")  # a refused call leaves nothing patched
-    with pytest.warns(RuntimeWarning, match="Olmo2Attention"):
-        r = hf.patch()
-    assert CLASS_NAME["olmo2"] in r.skipped and CLASS_NAME["olmo2"] not in r.fused
+    r = hf.patch()
+    assert "does not compute x * rsqrt" in r.skipped[CLASS_NAME["olmo2"]]
+    assert "does not compute x * rsqrt" in hf.report().left_alone[CLASS_NAME["olmo2"]]
+    assert CLASS_NAME["olmo2"] not in r.fused
     assert CLASS_NAME["qwen3"] in r.fused
     assert CLASSES["olmo2"].__dict__["forward"] is TRUE_FORWARD["olmo2"]
 
@@ -292,7 +294,7 @@ def test_refuses_a_transformers_whose_norm_differs(monkeypatch):
 def test_refuses_a_transformers_whose_attention_call_differs(monkeypatch):
     """A release in which Gemma 3 passes softcapping to the attention function (Gemma 2 does;
     5.18's Gemma 3 does not): the probe sees the keyword arguments differ."""
-    monkeypatch.setattr(hf, "_fused_verified", {})
+    monkeypatch.setattr(hf.fused, "_fused_verified", {})
     mod = MODULES["gemma3"]
     real = TRUE_FORWARD["gemma3"]
     interfaces = mod.ALL_ATTENTION_FUNCTIONS
@@ -323,5 +325,6 @@ def test_without_the_op_the_forwards_stay_transformers(monkeypatch):
     assert list(r) == [MODULES["qwen3"].__name__] and r.fused == ()
     assert "rms_norm_rope_qk" in r.skipped[CLASS_NAME["qwen3"]]
     assert CLASSES["qwen3"].__dict__["forward"] is TRUE_FORWARD["qwen3"]
-    with pytest.raises(RuntimeError, match="olmo2.*rms_norm_rope_qk"):
-        hf.patch("olmo2")
+    r = hf.patch("olmo2")  # its own function (a cast-back form) is still replaced
+    assert list(r) == [MODULES["olmo2"].__name__] and r.fused == ()
+    assert CLASSES["olmo2"].__dict__["forward"] is TRUE_FORWARD["olmo2"]
