@@ -61,7 +61,7 @@ TEST_DEPS  := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelera
 # runs its code blocks) and pyproject.toml (pytest's settings), copied; no rope_ext/.
 WHEEL_TEST_DIR ?= build/wheel-test
 
-.PHONY: demo test test-wheel build wheel bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help
+.PHONY: demo test test-wheel build wheel bench bench-call cuda-build sanitize gpu-check gpu-check-quick gpu-wheels clean help hf-families test-hf-latest
 
 help:
 	@echo "make demo   correctness check and benchmark table (sets everything up on first use)"
@@ -74,6 +74,8 @@ help:
 	@echo "make gpu-check   on a GPU machine: build, CUDA tests, compute-sanitizer, GPU benchmark"
 	@echo "make gpu-check-quick  on a GPU machine: build, CUDA tests, rope_ext against a copy"
 	@echo "make gpu-wheels  fetch the wheels gpu-check carries to the GPU machine (.whl/)"
+	@echo "make hf-families  rewrite docs/hf_families.md (what rope_ext.hf patches) from rope_ext.hf.report()"
+	@echo "make test-hf-latest  the Hugging Face tests against the newest transformers on PyPI"
 	@echo "make clean  remove build outputs (keeps the venv)"
 
 $(VENV)/.deps:
@@ -144,9 +146,27 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *workers, "tests"]))
 endef
 export WHEEL_TEST_PY
 
+# docs/hf_families.md is generated (tests/test_hf_dropin.py checks it is current).
+hf-families: build
+	$(PY) -m rope_ext.hf > docs/hf_families.md
+
+# The Hugging Face tests against the newest transformers release on PyPI: a venv of its own
+# with the same torch and test tools, testing the source tree's package (the build of
+# $(VENV) leaves its library there), so nothing is compiled again.
+VENV_HF_LATEST ?= .venv-hf-latest
+HF_TESTS := tests/test_hf_dropin.py tests/test_hf_fused.py tests/test_hf_hooks.py tests/test_hf_families.py
+test-hf-latest: build
+	test -f $(VENV_HF_LATEST)/.deps || { $(PYTHON) -m venv $(VENV_HF_LATEST) && \
+	  $(VENV_HF_LATEST)/bin/python -m pip install --progress-bar off -q "$(TORCH_SPEC)" \
+	    $(filter-out transformers==%,$(TEST_DEPS)) && touch $(VENV_HF_LATEST)/.deps; }
+	$(VENV_HF_LATEST)/bin/python -m pip install --progress-bar off -q --upgrade transformers
+	@$(VENV_HF_LATEST)/bin/python -c "import transformers; print('==> transformers', transformers.__version__)"
+	PYTHONPATH=$(abspath .) $(VENV_HF_LATEST)/bin/python -m pytest -q $(call xdist,$(VENV_HF_LATEST)/bin/python) \
+	  $(HF_TESTS) --deselect tests/test_hf_dropin.py::test_families_document_is_the_report
+
 test-wheel: $(VENV_WHEEL)/.installed
 	rm -rf $(WHEEL_TEST_DIR) && mkdir -p $(WHEEL_TEST_DIR)
-	cp -r tests README.md pyproject.toml $(WHEEL_TEST_DIR)/
+	cp -r tests docs README.md pyproject.toml $(WHEEL_TEST_DIR)/
 	cd $(WHEEL_TEST_DIR) && $(abspath $(VENV_WHEEL))/bin/python -c "$$WHEEL_TEST_PY"
 
 demo: build

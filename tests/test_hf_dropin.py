@@ -13,6 +13,7 @@
   under torch.compile; unpatch() restores the exact function objects and bit-identical logits.
 """
 
+import os
 import sys
 import warnings
 
@@ -565,3 +566,21 @@ def test_no_warnings_when_patching_everything():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf.patch()
+
+
+def test_families_document_is_the_report():
+    """docs/hf_families.md (the patched families the README points to) is what
+    `python -m rope_ext.hf` writes for the installed transformers: generated, not typed."""
+    import subprocess
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "hf_families.md")
+    out = subprocess.run([sys.executable, "-m", "rope_ext.hf"], check=True, capture_output=True,
+                         text=True).stdout
+    assert out == open(doc).read(), "docs/hf_families.md is stale: run `make hf-families`"
+    assert "| `Qwen3Attention` | qwen3 |" in out
+    patched_rows = out[out.index("## Patched, by form"):out.index("## Fused")].splitlines()
+    patched_types = {t.strip() for row in patched_rows if row.startswith("| ")
+                     for t in row.split("|")[3].split(",")}
+    for model_type in ("llama4_text", "gemma4_text", "gpt_oss", "deepseek_v3", "glm4", "cohere2",
+                       "ernie4_5", "qwen3_5_text", "olmo3", "gptj", "deepseek_v2", "qwen2_5_vl"):
+        assert model_type in patched_types, model_type
