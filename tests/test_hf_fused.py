@@ -33,7 +33,10 @@ from tiny_models import grads_of, inputs, rel_err
 
 transformers.logging.set_verbosity_error()
 
-FAMS = ["qwen3", "olmo2", "gemma3"]
+FAMS = list(hf.FUSED_MODEL_TYPES)
+# where each family's attention applies q_norm/k_norm, as in test_op_matches_model_norm_and_rope_bf16
+NORM_ON = {"qwen3": "view", "glm4_moe": "view", "olmo2": "flat", "olmo3": "flat",
+           "gemma3": "transposed", "apertus": "transposed", "exaone4": "transposed"}
 MODULES = {f: importlib.import_module(f"transformers.models.{f}.modeling_{f}") for f in FAMS}
 CLASSES = {f: getattr(MODULES[f], hf.FUSED_MODEL_TYPES[f].cls_name) for f in FAMS}
 TRUE_FORWARD = {f: CLASSES[f].__dict__["forward"] for f in FAMS}  # before any test patches
@@ -72,13 +75,7 @@ def op_calls(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # tiny random models
 
-# the second layer slides (window 4 < seq): the sliding_window argument matters
-EXTRA = {
-    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
-    "olmo2": dict(),
-    "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                   query_pre_attn_scalar=16, final_logit_softcapping=30.0),
-}
+EXTRA = tiny_models.FUSED_EXTRA
 
 
 def tiny_model(fam, dtype=torch.float32):
@@ -174,17 +171,21 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
     pos = torch.stack([torch.arange(seq), torch.randint(0, 200, (seq,), generator=g)])
     # as the model makes them (Gemma 3: the table of the layer's type): bf16, but float32 in
     # OLMo 2, whose rotary module does not cast (its apply_rotary_pos_emb casts back instead)
-    extra = {"layer_type": attn.layer_type} if fam == "gemma3" else {}
+    import inspect
+
+    takes_layer_type = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
+    extra = {"layer_type": model.config.layer_types[attn.layer_idx]} if takes_layer_type else {}
     cos, sin = model.model.rotary_emb(proj_q, pos, **extra)
-    assert cos.dtype == (torch.float32 if fam == "olmo2" else torch.bfloat16)
+    if fam == "olmo2":  # its rotary module does not cast
+        assert cos.dtype == torch.float32
 
     with torch.no_grad():
-        if fam == "qwen3":  # norm on the [b, s, h, d] view, then transpose
+        if NORM_ON[fam] == "view":  # norm on the [b, s, h, d] view, then transpose
             rq, rk = attn.q_norm(q).transpose(1, 2), attn.k_norm(k).transpose(1, 2)
-        elif fam == "olmo2":  # norm on the flat projection, then view and transpose
+        elif NORM_ON[fam] == "flat":  # norm on the flat projection, then view and transpose
             rq = attn.q_norm(proj_q).view(batch, seq, hq, d).transpose(1, 2)
             rk = attn.k_norm(proj_k).view(batch, seq, hk, d).transpose(1, 2)
-        else:  # gemma3: transpose, then norm
+        else:  # transpose, then norm
             rq, rk = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2))
         ref_q, ref_k = TRUE_APPLY[fam](rq, rk, cos, sin)
 
@@ -210,8 +211,9 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
             wd = w.double()
         nd = nd * (wd + spec.weight_offset)
         cd, sd = c.double()[:, :, None], s.double()[:, :, None]
-        x1, x2 = nd[..., :d // 2], nd[..., d // 2:]
-        exact = torch.cat((x1 * cd - x2 * sd, x2 * cd + x1 * sd), dim=-1).transpose(1, 2)
+        half = c.shape[-1]  # r / 2: GLM-4.5 rotates half of each head
+        x1, x2, tail = nd[..., :half], nd[..., half:2 * half], nd[..., 2 * half:]
+        exact = torch.cat((x1 * cd - x2 * sd, x2 * cd + x1 * sd, tail), dim=-1).transpose(1, 2)
         assert (ref.double() - x.transpose(1, 2).double()).abs().max() > 0.1  # not vacuous
         # one rounding from float32 math: within u (plus float32 noise) of the exact value
         err = (out.double() - exact).abs()
@@ -246,8 +248,8 @@ def test_patched_bf16_model_matches_transformers(fam):
 
 def test_unpatch_and_patched_restore_the_exact_forwards():
     r = hf.patch(["qwen3", "olmo2", "gemma3_text"])
-    assert set(r.fused) == set(CLASS_NAME.values())
-    for f in FAMS:
+    assert set(r.fused) == {CLASS_NAME[f] for f in ("qwen3", "olmo2", "gemma3")}
+    for f in ("qwen3", "olmo2", "gemma3"):
         assert CLASSES[f].__dict__["forward"] is not TRUE_FORWARD[f]
     # each module's own function is replaced as well (OLMo 2's casts back to q's dtype)
     assert MODULES["olmo2"].apply_rotary_pos_emb is hf.forms.apply_rotary_pos_emb_cast_back

@@ -11,6 +11,20 @@ COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
 CONFIG_TYPE = {"gemma3": "gemma3_text"}  # the text-only model of the family
 
+# The families with a fused QK-norm attention (rope_ext.hf.FUSED_MODEL_TYPES): their tiny
+# configs; the second layer slides (window 4 < seq): the sliding_window argument matters
+FUSED_EXTRA = {
+    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "olmo2": dict(),
+    "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   query_pre_attn_scalar=16, final_logit_softcapping=30.0),
+    "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "apertus": dict(max_position_embeddings=16384),
+    "glm4_moe": dict(use_qk_norm=True, partial_rotary_factor=0.5, first_k_dense_replace=2),
+    "exaone4": dict(sliding_window=4, layer_types=["sliding_attention", "sliding_attention"]),
+}
+
+
 
 def tiny_model(fam, config=None, *, randomize_norms=False, dtype=torch.float32):
     """transformers' causal LM of family `fam` from COMMON updated by `config`, eager

@@ -10,7 +10,7 @@ skipped (else that call runs transformers' forward).
 """
 
 import threading
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,9 @@ class _FusedSpec(NamedTuple):
     eps_attr: str  # the RMSNorm module's epsilon attribute
     sliding_window: bool  # whether the forward passes sliding_window=self.sliding_window
     probe_config: Dict[str, object]  # family-specific settings of the probe's tiny config
+    # when the model's forward normalizes and rotates q and k at all (GLM-4.5's use_qk_norm,
+    # EXAONE 4's global layers without RoPE); a call where it is False runs the model's own
+    fuse_if: Optional[Callable[[object], bool]] = None
 
 
 FUSED_MODEL_TYPES: Dict[str, _FusedSpec] = {
@@ -55,6 +58,24 @@ FUSED_MODEL_TYPES: Dict[str, _FusedSpec] = {
         # function, and the probe checks that the fused forward does exactly the same.
         dict(sliding_window=4, layer_types=["sliding_attention"], attn_logit_softcapping=30.0,
              query_pre_attn_scalar=8)),
+    "olmo3": _FusedSpec(
+        "Olmo3Attention", "Olmo3Config", "each token, on the flat projection [b, s, h*d]",
+        True, 0.0, "variance_epsilon", True,
+        dict(sliding_window=4, layer_types=["sliding_attention"])),
+    "apertus": _FusedSpec(
+        "ApertusAttention", "ApertusConfig", "each head, on [b, h, s, d] after the transpose",
+        False, 0.0, "variance_epsilon", False,
+        dict(max_position_embeddings=16384)),  # above its llama3 scaling's original 8192
+    "glm4_moe": _FusedSpec(
+        "Glm4MoeAttention", "Glm4MoeConfig", "each head, on the [b, s, h, d] view (use_qk_norm)",
+        False, 0.0, "variance_epsilon", False, dict(use_qk_norm=True),
+        fuse_if=lambda attn: attn.use_qk_norm),
+    "exaone4": _FusedSpec(
+        "Exaone4Attention", "Exaone4Config", "each head, on [b, h, s, d] after the transpose",
+        False, 0.0, "variance_epsilon", True,
+        dict(sliding_window=4, layer_types=["sliding_attention"]),
+        # its global layers of a hybrid model take no RoPE (NoPE): those run its own forward
+        fuse_if=lambda attn: attn.sliding_window is None or attn.is_sliding),
 }
 _PROBE_CONFIG = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      intermediate_size=32, num_hidden_layers=1, vocab_size=32,
@@ -121,7 +142,8 @@ def _fused_attention_forward(self, spec: _FusedSpec, mod, name, original, hidden
                              position_embeddings, attention_mask, past_key_values, kwargs,
                              honour_hooks=True):
     q_eps = getattr(self.q_norm, spec.eps_attr)
-    if (q_eps != getattr(self.k_norm, spec.eps_attr)  # one eps per op call: not this layer
+    if ((spec.fuse_if is not None and not spec.fuse_if(self))
+            or q_eps != getattr(self.k_norm, spec.eps_attr)  # one eps per op call
             or (honour_hooks and _hooks_or_other_norms(self, name))):
         return original(self, hidden_states, position_embeddings, attention_mask,
                         past_key_values, **kwargs)
@@ -252,6 +274,8 @@ def _probe_fused_forward(mod, spec: _FusedSpec):
         return f"its {spec.cls_name} has no {', '.join(missing)}"
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     d = attn.head_dim
+    if spec.fuse_if is not None and not spec.fuse_if(attn):
+        return f"the probe's {spec.cls_name} would not take the fused path"
     if type(attn.q_norm) is not type(attn.k_norm):
         return "its q_norm and k_norm are of different classes"
     for norm, h in ((attn.q_norm, heads), (attn.k_norm, kv_heads)):
