@@ -35,8 +35,9 @@ transformers.logging.set_verbosity_error()
 
 FAMS = list(hf.FUSED_MODEL_TYPES)
 # where each family's attention applies q_norm/k_norm, as in test_op_matches_model_norm_and_rope_bf16
-NORM_ON = {"qwen3": "view", "glm4_moe": "view", "olmo2": "flat", "olmo3": "flat",
-           "gemma3": "transposed", "apertus": "transposed", "exaone4": "transposed"}
+NORM_ON = {"qwen3": "view", "glm4_moe": "view", "qwen3_next": "view", "qwen3_5": "view",
+           "qwen3_5_moe": "view", "olmo2": "flat", "olmo3": "flat", "gemma3": "transposed",
+           "apertus": "transposed", "exaone4": "transposed"}
 MODULES = {f: importlib.import_module(f"transformers.models.{f}.modeling_{f}") for f in FAMS}
 CLASSES = {f: getattr(MODULES[f], hf.FUSED_MODEL_TYPES[f].cls_name) for f in FAMS}
 TRUE_FORWARD = {f: CLASSES[f].__dict__["forward"] for f in FAMS}  # before any test patches
@@ -175,7 +176,8 @@ def test_op_matches_model_norm_and_rope_bf16(fam):
 
     takes_layer_type = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
     extra = {"layer_type": model.config.layer_types[attn.layer_idx]} if takes_layer_type else {}
-    cos, sin = model.model.rotary_emb(proj_q, pos, **extra)
+    rope_pos = pos.expand(3, *pos.shape) if fam in ("qwen3_5", "qwen3_5_moe") else pos  # MRoPE
+    cos, sin = model.model.rotary_emb(proj_q, rope_pos, **extra)
     if fam == "olmo2":  # its rotary module does not cast
         assert cos.dtype == torch.float32
 

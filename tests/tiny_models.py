@@ -9,7 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, intermediate_size=128, vocab_size=128, max_position_embeddings=512,
               pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
-CONFIG_TYPE = {"gemma3": "gemma3_text"}  # the text-only model of the family
+CONFIG_TYPE = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text",  # the text-only models
+               "qwen3_5_moe": "qwen3_5_moe_text"}
 
 # The families with a fused QK-norm attention (rope_ext.hf.FUSED_MODEL_TYPES): their tiny
 # configs; the second layer slides (window 4 < seq): the sliding_window argument matters
@@ -22,6 +23,13 @@ FUSED_EXTRA = {
     "apertus": dict(max_position_embeddings=16384),
     "glm4_moe": dict(use_qk_norm=True, partial_rotary_factor=0.5, first_k_dense_replace=2),
     "exaone4": dict(sliding_window=4, layer_types=["sliding_attention", "sliding_attention"]),
+    # hybrid models: both layers full attention (their linear-attention layers take no RoPE)
+    "qwen3_next": dict(layer_types=["full_attention"] * 2, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_5": dict(layer_types=["full_attention"] * 2),
+    "qwen3_5_moe": dict(layer_types=["full_attention"] * 2, num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32),
 }
 
 

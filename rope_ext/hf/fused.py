@@ -40,6 +40,8 @@ class _FusedSpec(NamedTuple):
     # when the model's forward normalizes and rotates q and k at all (GLM-4.5's use_qk_norm,
     # EXAONE 4's global layers without RoPE); a call where it is False runs the model's own
     fuse_if: Optional[Callable[[object], bool]] = None
+    # Qwen3-Next, Qwen3.5: q_proj gives each head's q and a gate; the output is gated
+    gated_q: bool = False
 
 
 FUSED_MODEL_TYPES: Dict[str, _FusedSpec] = {
@@ -76,6 +78,15 @@ FUSED_MODEL_TYPES: Dict[str, _FusedSpec] = {
         dict(sliding_window=4, layer_types=["sliding_attention"]),
         # its global layers of a hybrid model take no RoPE (NoPE): those run its own forward
         fuse_if=lambda attn: attn.sliding_window is None or attn.is_sliding),
+    "qwen3_next": _FusedSpec(
+        "Qwen3NextAttention", "Qwen3NextConfig", "each head, on the [b, s, h, d] view",
+        False, 1.0, "eps", False, dict(layer_types=["full_attention"]), gated_q=True),
+    "qwen3_5": _FusedSpec(
+        "Qwen3_5Attention", "Qwen3_5TextConfig", "each head, on the [b, s, h, d] view",
+        False, 1.0, "eps", False, dict(layer_types=["full_attention"]), gated_q=True),
+    "qwen3_5_moe": _FusedSpec(
+        "Qwen3_5MoeAttention", "Qwen3_5MoeTextConfig", "each head, on the [b, s, h, d] view",
+        False, 1.0, "eps", False, dict(layer_types=["full_attention"]), gated_q=True),
 }
 _PROBE_CONFIG = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      intermediate_size=32, num_hidden_layers=1, vocab_size=32,
@@ -151,7 +162,12 @@ def _fused_attention_forward(self, spec: _FusedSpec, mod, name, original, hidden
     hidden_shape = (*input_shape, -1, self.head_dim)
 
     # [b, s, h, d] views of the projections: the op reads them in place (layout "bshd").
-    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    if spec.gated_q:  # each head's q and output gate side by side: q is a strided view
+        query_states, gate = torch.chunk(
+            self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim * 2), 2, dim=-1)
+        gate = gate.reshape(*input_shape, -1)
+    else:
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
     key_states = self.k_proj(hidden_states).view(hidden_shape)
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
@@ -186,6 +202,8 @@ def _fused_attention_forward(self, spec: _FusedSpec, mod, name, original, hidden
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    if spec.gated_q:
+        attn_output = attn_output * torch.sigmoid(gate)
     attn_output = self.o_proj(attn_output)
     return attn_output, attn_weights
 
