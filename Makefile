@@ -14,6 +14,10 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # transformers is a test and benchmark dependency only: the package never imports it.
 DEPS   := numpy pytest pytest-xdist hypothesis transformers==5.18.0 accelerate==1.16.0 diffusers==0.42.1 setuptools wheel
+# torchtitan and torchtune, for the tests of their drop-ins, without their own dependencies
+# (datasets, wandb, tensorboard, torchao: none of them is on the paths the tests use).
+NODEPS_TEST_DEPS := torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring-parser==0.18.0 \
+                    typeguard==4.6.1 torchtune==0.6.1
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # The CUDA kernel is compiled (not run: no GPU here) against the CUDA build of
@@ -83,6 +87,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off -q --upgrade pip
 	$(PY) -m pip install --progress-bar off "$(TORCH_SPEC)" $(DEPS)
+	$(PY) -m pip install --progress-bar off -q --no-deps $(NODEPS_TEST_DEPS)
 	@touch $@
 
 # --no-build-isolation: compile against the torch in the venv, not a fresh download.
@@ -118,6 +123,7 @@ $(VENV_WHEEL)/.deps:
 	$(PYTHON) -m venv $(VENV_WHEEL)
 	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q --upgrade pip
 	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q "$(TORCH_SPEC)" $(TEST_DEPS)
+	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q --no-deps $(NODEPS_TEST_DEPS)
 	@touch $@
 
 # --force-reinstall: a rebuilt wheel keeps its version; --no-deps, then pip check: torch
