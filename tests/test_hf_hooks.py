@@ -227,7 +227,7 @@ def test_a_norm_replaced_by_another_module_is_called(fam, op_calls):
     op_calls.clear()  # the patch-time probe's call
     logits, grads = _run(model, ids, pos)
     assert len(op_calls) == 1  # layer 2 keeps its own norms: fused
-    assert "not the norm class verified" in hf.report().fallbacks[CLASS_NAME[fam]]
+    assert "not a class verified" in hf.report().fallbacks[CLASS_NAME[fam]]
     assert rel_err(logits, ref_logits) <= 1e-5
     tiny_models.assert_grads_close(grads, ref_grads, rel=1e-4)
 

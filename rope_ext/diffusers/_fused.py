@@ -41,13 +41,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 import rope_ext
+from rope_ext._hooks import skipped_by_standing_in
 from rope_ext.functional import apply_rope
 from rope_ext.diffusers.functions import (_complex_tables, _needs_table_grad, _real_pair)
-
-# torch's global module hooks (one dict object each, filled and emptied in place)
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
-    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
-    "_global_backward_hooks"))
 
 # fused processor class name -> the norm forwards its probe verified
 norm_forwards: Dict[str, Tuple[object, ...]] = {}
@@ -66,18 +62,7 @@ def _note(name: str, why: str) -> None:
 
 def _hooks_reason(norms, name: str) -> Optional[str]:
     """Why calling these norm modules would run more than their verified forward, or None."""
-    verified = norm_forwards.get(name, ())
-    for norm in norms:
-        if (norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks
-                or norm._backward_hooks):
-            return "a hook is registered on one of its q/k norm modules"
-        if "forward" in norm.__dict__:
-            return "a q/k norm module has its own forward (a diffusers hook or a wrapper)"
-        if type(norm).forward not in verified:
-            return f"its {type(norm).__name__} norm is not a class verified at patch time"
-    if any(_GLOBAL_HOOKS):
-        return "a global module hook is registered (torch.nn.modules.module)"
-    return None
+    return skipped_by_standing_in(norms, norm_forwards.get(name, ()))
 
 
 def _tables_float(c: torch.Tensor, s: torch.Tensor, device):

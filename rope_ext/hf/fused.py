@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 
 import rope_ext
+from rope_ext._hooks import skipped_by_standing_in
 from rope_ext.hf.forms import table_from_hf as _table_from_hf
 
 _lock = threading.RLock()  # the package's one lock (patching, unpatching, the import hook)
@@ -114,23 +115,6 @@ def _fused_op():
     return getattr(rope_ext, "rms_norm_rope_qk", None)
 
 
-# torch's global module hooks (one dict object each, filled and emptied in place)
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
-    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
-    "_global_backward_hooks"))
-
-
-def _norm_not_fusable(norm, verified_forward) -> Optional[str]:
-    """None if calling ``norm`` would run exactly its verified forward and nothing else; else
-    what would run besides (a hook) or instead (another class or forward)."""
-    if (norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks
-            or norm._backward_hooks):
-        return "a hook is registered on its q_norm or k_norm module"
-    if type(norm).forward is not verified_forward or "forward" in norm.__dict__:
-        return f"its {type(norm).__name__} is not the norm class verified at patch time"
-    return None
-
-
 def _hooks_or_other_norms(self, name: str) -> Optional[str]:
     """Why the fused forward must not stand in for q_norm/k_norm in this call, or None.
 
@@ -140,10 +124,7 @@ def _hooks_or_other_norms(self, name: str) -> Optional[str]:
     would be skipped: then transformers' own forward runs for the call, which calls them.
     Without hooks this costs a few attribute reads per attention call (guards under
     torch.compile)."""
-    verified = _fused_norm_forwards.get(name)
-    why = _norm_not_fusable(self.q_norm, verified) or _norm_not_fusable(self.k_norm, verified)
-    if why is None and any(_GLOBAL_HOOKS):
-        why = "a global module hook is registered (torch.nn.modules.module)"
+    why = skipped_by_standing_in((self.q_norm, self.k_norm), (_fused_norm_forwards.get(name),))
     if why is not None and name not in _fallbacks:
         _fallbacks[name] = why
     return why
