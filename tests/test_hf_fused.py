@@ -309,10 +309,12 @@ def test_refuses_a_transformers_whose_attention_call_differs(monkeypatch):
             return lambda module, *a, **kw: fn(module, *a, softcap=module.attn_logit_softcapping,
                                                **kw)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                **kwargs):
         monkeypatch.setattr(mod, "ALL_ATTENTION_FUNCTIONS", WithSoftcap())
         try:
-            return real(self, *args, **kwargs)
+            return real(self, hidden_states, position_embeddings, attention_mask,
+                        past_key_values, **kwargs)
         finally:
             monkeypatch.setattr(mod, "ALL_ATTENTION_FUNCTIONS", interfaces)
 
@@ -332,3 +334,20 @@ def test_without_the_op_the_forwards_stay_transformers(monkeypatch):
     r = hf.patch("olmo2")  # its own function (a cast-back form) is still replaced
     assert list(r) == [MODULES["olmo2"].__name__] and r.fused == ()
     assert CLASSES["olmo2"].__dict__["forward"] is TRUE_FORWARD["olmo2"]
+
+
+def test_refuses_a_transformers_whose_forward_signature_differs(monkeypatch):
+    """A release that renames the forward's cache argument (newer transformers call it
+    `cache`): the fused forward would drop it, which the probe's cache-less calls would not
+    show, so the signature itself is checked."""
+    monkeypatch.setattr(hf.fused, "_fused_verified", {})
+    real = TRUE_FORWARD["qwen3"]
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        return real(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+    monkeypatch.setattr(CLASSES["qwen3"], "forward", forward)
+    with pytest.raises(RuntimeError, match=r"Qwen3Attention.forward takes \(self, hidden_states, "
+                                           r"position_embeddings, attention_mask, cache, kwargs\)"):
+        hf.patch("qwen3")
+    assert CLASSES["qwen3"].__dict__["forward"] is forward

@@ -9,6 +9,7 @@ replacement (the probe), and every call checks that no hook or other norm class 
 skipped (else that call runs transformers' forward).
 """
 
+import inspect
 import threading
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
@@ -256,6 +257,17 @@ def _probe_fused_forward(mod, spec: _FusedSpec):
     original = cls.__dict__["forward"]
     if _is_fused(original):
         original = original._rope_ext_original
+    # The fused forward takes and passes on exactly these: a release that renames one (the
+    # cache) or adds one would have it dropped or passed twice, which the probe's calls
+    # without a cache would not show.
+    params = [(p.name, p.kind) for p in inspect.signature(original).parameters.values()]
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    if params != [("self", positional), ("hidden_states", positional),
+                  ("position_embeddings", positional), ("attention_mask", positional),
+                  ("past_key_values", positional), ("kwargs", inspect.Parameter.VAR_KEYWORD)]:
+        return (f"its {spec.cls_name}.forward takes ({', '.join(n for n, _ in params)}), not "
+                f"(self, hidden_states, position_embeddings, attention_mask, past_key_values, "
+                f"**kwargs)")
     cfg_cls = getattr(mod, spec.config_name, None)
     if cfg_cls is None:
         return f"it has no {spec.config_name}"
