@@ -130,7 +130,10 @@ $(VENV_WHEEL)/.deps:
 # must be there already (pip would otherwise fetch one, not necessarily this build of it).
 $(VENV_WHEEL)/.installed: $(VENV_WHEEL)/.deps build/wheel-cpu/.built
 	$(VENV_WHEEL)/bin/python -m pip install --progress-bar off -q --force-reinstall --no-deps build/wheel-cpu/rope_ext-*.whl
-	$(VENV_WHEEL)/bin/python -m pip check
+	@# torchtitan and torchtune are installed without their dependencies (NODEPS_TEST_DEPS):
+	@# their missing ones are expected; anything else pip check finds fails.
+	@broken=$$($(VENV_WHEEL)/bin/python -m pip check 2>&1 | grep -v -E '^(torchtitan|torchtune) [^ ]+ requires|^No broken'); \
+	  if [ -n "$$broken" ]; then echo "$$broken"; exit 1; fi
 	@touch $@
 
 # The process that runs the suite imports rope_ext first, and it must come from the venv's
