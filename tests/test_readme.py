@@ -1,21 +1,23 @@
-"""The README's code blocks run as written: a user copies them."""
+"""The README's and docs/guide.md's code blocks run as written: a user copies them."""
 
 import os
 import re
 
 import pytest
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+HERE = os.path.dirname(__file__)
+DOCS = [os.path.join(HERE, "..", "README.md"), os.path.join(HERE, "..", "docs", "guide.md")]
 
 
 def _blocks():
-    text = open(README).read()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [(os.path.basename(path), i, block) for path in DOCS
+            for i, block in enumerate(re.findall(r"```python\n(.*?)```", open(path).read(),
+                                                 flags=re.S))]
 
 
-@pytest.mark.parametrize("index", range(len(_blocks())))
-def test_readme_block_runs(index):
+@pytest.mark.parametrize("doc,index,block", _blocks(), ids=lambda v: str(v)[:20])
+def test_readme_block_runs(doc, index, block):
     import torch
 
     torch._dynamo.reset()
-    exec(compile(_blocks()[index], f"README.md block {index}", "exec"), {})
+    exec(compile(block, f"{doc} block {index}", "exec"), {})
