@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from rope_ext.packing import _ArgumentTypeError, _check_index_tensor, check_cu_seqlens
+from rope_ext.packing import _ArgumentTypeError, check_cu_seqlens, check_seqlen_offsets
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -140,25 +140,15 @@ def shard(seq_len_or_cu_seqlens: Union[int, torch.Tensor], cp_size: int, cp_rank
             f"{'each sequence' if packed else 'it'} to a multiple of {unit}")
 
     offsets = torch.zeros(num_seqs, dtype=torch.int64)
+    if isinstance(seqlen_offsets, torch.Tensor) and not packed:
+        raise ValueError("seqlen_offsets must be an int for a single sequence; a tensor "
+                         "[num_seqs] goes with cu_seqlens")
+    check_seqlen_offsets(seqlen_offsets, num_seqs, getattr(seqlen_offsets, "device", None))
     if isinstance(seqlen_offsets, torch.Tensor):
-        if not packed:
-            raise ValueError("seqlen_offsets must be an int for a single sequence; a tensor "
-                             "[num_seqs] goes with cu_seqlens")
-        _check_index_tensor(seqlen_offsets, "seqlen_offsets", seqlen_offsets.device)
-        if tuple(seqlen_offsets.shape) != (num_seqs,):
-            raise ValueError(
-                f"seqlen_offsets must be [num_seqs] = [{num_seqs}] (one start position per "
-                f"sequence of cu_seqlens), got shape {tuple(seqlen_offsets.shape)}")
         offsets = seqlen_offsets.detach().cpu().long()
         if bool((offsets < 0).any()):
             raise ValueError(f"seqlen_offsets must not be negative, got {int(offsets.min())}")
     elif seqlen_offsets is not None:
-        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
-            raise _ArgumentTypeError(
-                "seqlen_offsets must be an int or an int32/int64 tensor [num_seqs], got "
-                f"{type(seqlen_offsets).__name__}")
-        if seqlen_offsets < 0:
-            raise ValueError(f"seqlen_offsets must not be negative, got {seqlen_offsets}")
         offsets = offsets + seqlen_offsets
 
     # Each local token j of sequence i maps to g, its index within the sequence.

@@ -45,6 +45,25 @@ def _check_index_tensor(t, name: str, device: torch.device) -> None:
                          f"move {name} to {device}")
 
 
+def check_seqlen_offsets(seqlen_offsets: Union[torch.Tensor, int, None], num_seqs: int,
+                         device: torch.device) -> None:
+    """Checks seqlen_offsets: None, an int >= 0, or an int32/int64 tensor [num_seqs] on
+    `device` (its values are the caller's to check: reading them may need a sync)."""
+    if isinstance(seqlen_offsets, torch.Tensor):
+        _check_index_tensor(seqlen_offsets, "seqlen_offsets", device)
+        if tuple(seqlen_offsets.shape) != (num_seqs,):
+            raise ValueError(
+                f"seqlen_offsets must be [num_seqs] = [{num_seqs}] (one start position per "
+                f"sequence of cu_seqlens), got shape {tuple(seqlen_offsets.shape)}")
+    elif seqlen_offsets is not None:
+        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
+            raise _ArgumentTypeError(
+                "seqlen_offsets must be an int or an int32/int64 tensor [num_seqs], got "
+                f"{type(seqlen_offsets).__name__}")
+        if seqlen_offsets < 0:
+            raise ValueError(f"seqlen_offsets must not be negative, got {seqlen_offsets}")
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens, device: torch.device,
                      seqlen_offsets: Union[torch.Tensor, int, None] = None,
                      tokens_name: str = "x") -> bool:
@@ -65,19 +84,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens, device: torch.device,
     if num_seqs == 0 and num_tokens != 0:
         raise ValueError(f"cu_seqlens = [0] describes no sequence, but {tokens_name} has "
                          f"{num_tokens} tokens; pass one end per sequence")
-    if isinstance(seqlen_offsets, torch.Tensor):
-        _check_index_tensor(seqlen_offsets, "seqlen_offsets", device)
-        if tuple(seqlen_offsets.shape) != (num_seqs,):
-            raise ValueError(
-                f"seqlen_offsets must be [num_seqs] = [{num_seqs}] (one start position per "
-                f"sequence of cu_seqlens), got shape {tuple(seqlen_offsets.shape)}")
-    elif seqlen_offsets is not None:
-        if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
-            raise _ArgumentTypeError(
-                "seqlen_offsets must be an int or an int32/int64 tensor [num_seqs], got "
-                f"{type(seqlen_offsets).__name__}")
-        if seqlen_offsets < 0:
-            raise ValueError(f"seqlen_offsets must not be negative, got {seqlen_offsets}")
+    check_seqlen_offsets(seqlen_offsets, num_seqs, device)
 
     if not _can_read_values(cu_seqlens):
         return False
